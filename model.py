@@ -1,0 +1,177 @@
+"""
+The paper's decoder-only transformer, OLMo style, in one file.
+
+OLMo v1 (the paper's 20M-150M models): pre-norm RMSNorm (eps 1e-6), SwiGLU MLP
+with hidden size 4*d, rotary position embeddings, no biases, untied input and
+output embeddings, weights ~ normal(0, 0.02) truncated at 3 sigma.
+
+OLMo-2 (to load OLMo-2-1B): the same blocks with qk_norm=True (RMSNorm over the
+full query and key projections) and norm_position='post' ("reordered" norm:
+x = x + norm(attn(x)) instead of x = x + attn(norm(x))), rope_theta=500000.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 100352  # dolma2 tokenizer's 100,278 padded to a multiple of 128
+    n_layer: int = 8
+    n_head: int = 8
+    n_embd: int = 512
+    n_kv_head: int = 0  # 0 = n_head; fewer gives grouped-query attention
+    intermediate_size: int = 0  # SwiGLU hidden size; 0 = 4 * n_embd
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    qk_norm: bool = False
+    norm_position: str = 'pre'  # 'pre' (OLMo v1) or 'post' (OLMo-2's reordered norm)
+    init_std: float = 0.02
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 even under bf16 autocast, as OLMo does
+        x_fp32 = x.float()
+        x_fp32 = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * x_fp32).to(x.dtype)
+
+
+def rope_cache(block_size, head_dim, theta):
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)  # non-interleaved halves, as in OLMo and Hugging Face
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head or config.n_head
+        assert self.n_head % self.n_kv_head == 0, "n_head must be divisible by n_kv_head"
+        self.head_dim = config.n_embd // config.n_head
+        kv_dim = self.n_kv_head * self.head_dim
+        self.q_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.k_proj = nn.Linear(config.n_embd, kv_dim, bias=False)
+        self.v_proj = nn.Linear(config.n_embd, kv_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.n_embd, config.norm_eps)
+            self.k_norm = RMSNorm(kv_dim, config.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, cos, sin):
+        B, T, C = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.n_kv_head != self.n_head:
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        hidden = config.intermediate_size or 4 * config.n_embd
+        self.gate_proj = nn.Linear(config.n_embd, hidden, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.post_norm = config.norm_position == 'post'
+        self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x, cos, sin):
+        if self.post_norm:
+            x = x + self.attn_norm(self.attn(x, cos, sin))
+            return x + self.mlp_norm(self.mlp(x))
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.norm_position in ('pre', 'post'), f"norm_position must be 'pre' or 'post', got {config.norm_position!r}"
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.norm_f = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        cos, sin = rope_cache(config.block_size, config.n_embd // config.n_head, config.rope_theta)
+        self.register_buffer('rope_cos', cos, persistent=False)
+        self.register_buffer('rope_sin', sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            std = self.config.init_std
+            nn.init.trunc_normal_(module.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+    def num_params(self):
+        """Total and non-embedding parameter counts (non-embedding excludes the input embedding and output head)."""
+        total = sum(p.numel() for p in self.parameters())
+        return total, total - self.wte.weight.numel() - self.lm_head.weight.numel()
+
+    def forward(self, idx, targets=None, loss_mask=None, z_loss=0.0):
+        """Logits, and the mean next-token loss over positions where loss_mask is true (all if None).
+
+        With z_loss > 0 the returned loss adds z_loss * logsumexp(logits)^2 (OLMo-2's auxiliary loss)."""
+        B, T = idx.shape
+        assert T <= self.config.block_size, f"sequence length {T} exceeds block_size {self.config.block_size}"
+        x = self.wte(idx)
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        logits = self.lm_head(self.norm_f(x))
+        if targets is None:
+            return logits, None
+        logits_fp32 = logits.float().view(-1, logits.size(-1))
+        per_token = F.cross_entropy(logits_fp32, targets.reshape(-1), reduction='none')
+        if z_loss:
+            per_token = per_token + z_loss * torch.logsumexp(logits_fp32, dim=-1).pow(2)
+        if loss_mask is None:
+            return logits, per_token.mean()
+        mask = loss_mask.reshape(-1).to(per_token.dtype)
+        return logits, (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+    def param_groups(self, weight_decay, decay_embeddings=True):
+        """AdamW groups: matrices decay, norm gains never do; embeddings optionally (OLMo-2 mid-training: not)."""
+        no_decay_ids = {id(self.wte.weight)} if not decay_embeddings else set()
+        decay = [p for p in self.parameters() if p.dim() >= 2 and id(p) not in no_decay_ids]
+        other = [p for p in self.parameters() if p.dim() < 2 or id(p) in no_decay_ids]
+        return [{'params': decay, 'weight_decay': weight_decay}, {'params': other, 'weight_decay': 0.0}]

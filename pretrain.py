@@ -1,0 +1,253 @@
+"""
+Pretraining and mid-training with AdamW or SAM.
+
+    python pretrain.py configs/cpu_sam.py                                  # one CPU process
+    python pretrain.py configs/cpu_sam.py --max_iters=100 --out_dir=out/x  # override any key
+    torchrun --standalone --nproc_per_node=8 pretrain.py configs/sam_60m.py
+
+init_from: 'scratch' starts a new model; 'resume' continues out_dir/ckpt.pt exactly
+(weights, optimizer, schedule and data position); a checkpoint path starts a new run
+from that run's weights (mid-training: new schedule, optimizer and/or SAM).
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, fields
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from checkpoint import atomic_path, load_checkpoint, save_checkpoint
+from config import check, check_choice, config_defaults, fail, load_config
+from data import load_meta, open_tokens, train_batch, val_batch
+from model import GPT, GPTConfig
+from sam import SAM
+from training import autocast_context, estimate_loss, lr_at, resolve_dtype, setup_device, train_step
+
+# -----------------------------------------------------------------------------
+# defaults: the paper's 60M AdamW recipe on one process; configs/ override them
+out_dir = 'out/pretrain'
+init_from = 'scratch'  # 'scratch' | 'resume' | path to a checkpoint (mid-training)
+keep_optimizer_state = False  # with init_from=<path>: continue the checkpoint's AdamW moments
+overwrite = False  # allow init_from='scratch' to replace an existing out_dir/ckpt.pt
+# data
+data_root = 'data'
+dataset = 'wiki_en'
+# logging, evaluation, checkpointing (a checkpoint is written at every evaluation)
+eval_interval = 500
+eval_iters = 20
+log_interval = 10
+stop_at_iter = -1  # stop (with a checkpoint) here while scheduling for max_iters; -1 = run to the end
+# batch: tokens per step = batch_size * gradient_accumulation_steps * block_size (all processes together)
+batch_size = 32  # per process, per micro-step
+block_size = 1024
+gradient_accumulation_steps = 8  # in total; divided among processes
+# model (GPTConfig fields); vocab_size 0 = the dataset's vocabulary rounded up to a multiple of 128
+n_layer = 8
+n_head = 8
+n_embd = 512
+n_kv_head = 0
+intermediate_size = 0
+vocab_size = 0
+rope_theta = 10000.0
+norm_eps = 1e-6
+qk_norm = False
+norm_position = 'pre'
+init_std = 0.02
+z_loss = 0.0
+# optimizer: AdamW, optionally wrapped in SAM
+optimizer = 'adamw'  # 'adamw' | 'sam'
+learning_rate = 1e-3
+weight_decay = 0.1
+decay_embeddings = True
+beta1 = 0.9
+beta2 = 0.95
+eps = 1e-8
+grad_clip = 1.0  # 0 disables clipping
+sam_rho = 0.05
+sam_adaptive = False
+sam_sync_ascent = False  # DDP: all-reduce the ascent gradient (the paper keeps it local to each GPU)
+sam_start_fraction = 0.0  # SAM is used for iterations in [start, end) * max_iters; AdamW elsewhere
+sam_end_fraction = 1.0
+# schedule
+max_iters = 10000
+warmup_iters = 2000
+lr_schedule = 'cosine'  # 'cosine' | 'wsd' | 'constant'
+anneal_fraction = 0.1  # wsd: fraction of max_iters spent decaying
+min_lr_ratio = 0.1
+# system
+seed = 1337
+device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'cuda:N'
+dtype = 'auto'  # 'auto' (bfloat16 on GPUs that have it) | 'bfloat16' | 'float32'
+compile = False
+# -----------------------------------------------------------------------------
+config = load_config(config_defaults(globals()), sys.argv[1:])
+globals().update(config)
+check_choice(config, 'optimizer', ('adamw', 'sam'))
+check_choice(config, 'lr_schedule', ('cosine', 'wsd', 'constant'))
+check_choice(config, 'dtype', ('auto', 'bfloat16', 'float32'))
+check_choice(config, 'norm_position', ('pre', 'post'))
+check(sam_rho >= 0, f"sam_rho must be >= 0, got {sam_rho}")
+check(0 < anneal_fraction <= 1, f"anneal_fraction must be in (0, 1], got {anneal_fraction}")
+check(0 <= min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+check(max_iters > 0, f"max_iters must be positive, got {max_iters}")
+check(0 <= warmup_iters <= max_iters, f"warmup_iters ({warmup_iters}) must be between 0 and max_iters ({max_iters})")
+check(0 <= sam_start_fraction <= sam_end_fraction <= 1, "need 0 <= sam_start_fraction <= sam_end_fraction <= 1")
+for key in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'log_interval',
+            'n_layer', 'n_head', 'n_embd'):
+    check(config[key] > 0, f"{key} must be positive, got {config[key]}")
+check(n_embd % n_head == 0 and (n_embd // n_head) % 2 == 0, f"n_embd ({n_embd}) / n_head ({n_head}) must be an even integer")
+check(learning_rate > 0 and weight_decay >= 0 and grad_clip >= 0, "learning_rate must be > 0, weight_decay and grad_clip >= 0")
+
+ddp, rank, world_size, device = setup_device(device)
+master = rank == 0
+check(gradient_accumulation_steps % world_size == 0,
+      f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be divisible by the number of processes ({world_size})")
+local_accum = gradient_accumulation_steps // world_size
+dtype = resolve_dtype(dtype, device)
+autocast = autocast_context(device, dtype)
+torch.manual_seed(seed + rank)
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+log_path = os.path.join(out_dir, 'log.jsonl')
+if init_from == 'scratch' and os.path.exists(ckpt_path) and not overwrite:
+    fail(f"{ckpt_path} exists: resume it with --init_from=resume, pick another --out_dir, or pass --overwrite=True")
+
+# data -------------------------------------------------------------------------
+data_dir = os.path.join(data_root, dataset)
+meta = load_meta(data_dir)
+train_tokens, val_tokens = open_tokens(data_dir, 'train'), open_tokens(data_dir, 'val')
+
+
+def get_train_batch(it, micro_step):
+    """Micro-step m of iteration it holds global samples [(it * accum + m) * batch_size, ...): rank-independent."""
+    x, y = train_batch(train_tokens, block_size, batch_size, (it * gradient_accumulation_steps + micro_step) * batch_size,
+                       seed, device)
+    return x, y, None
+
+
+def get_val_batch(i):
+    return (*val_batch(val_tokens, block_size, batch_size, i, device), None)
+
+
+# model ------------------------------------------------------------------------
+model_keys = [f.name for f in fields(GPTConfig)]
+checkpoint = None
+if init_from == 'scratch':
+    model_args = {k: config[k] for k in model_keys}
+    model_args['vocab_size'] = vocab_size or -(-meta['vocab_size'] // 128) * 128
+else:
+    checkpoint = load_checkpoint(ckpt_path if init_from == 'resume' else init_from, map_location=device)
+    model_args = dict(checkpoint['model_args'], block_size=block_size)  # the shape comes from the checkpoint
+    if init_from == 'resume':
+        for k in model_keys:
+            if k != 'block_size' and config[k] != model_args[k] and not (k == 'vocab_size' and config[k] == 0):
+                fail(f"resume: config has {k}={config[k]!r} but the checkpoint was trained with {model_args[k]!r}")
+        if checkpoint.get('data_fingerprint') not in (None, meta.get('fingerprint')):
+            fail(f"resume: dataset {data_dir} is not the data this checkpoint was trained on (fingerprint differs)")
+check(meta['vocab_size'] <= model_args['vocab_size'],
+      f"dataset vocabulary ({meta['vocab_size']}) is larger than the model's vocab_size ({model_args['vocab_size']})")
+model = GPT(GPTConfig(**model_args))
+if checkpoint is not None:
+    model.load_state_dict(checkpoint['model'])
+model.to(device)
+base_optimizer = torch.optim.AdamW(model.param_groups(weight_decay, decay_embeddings), lr=learning_rate,
+                                   betas=(beta1, beta2), eps=eps, foreach=True)
+iter_num, best_val_loss = 0, math.inf
+if init_from == 'resume' or (checkpoint is not None and keep_optimizer_state):
+    base_optimizer.load_state_dict(checkpoint['optimizer'])
+    for group in base_optimizer.param_groups:  # the new run's hyperparameters win over the saved ones
+        group.update(betas=(beta1, beta2), eps=eps)
+if init_from == 'resume':
+    iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+    torch.set_rng_state(checkpoint['rng_state'])
+start_iter = iter_num
+checkpoint = None  # free the memory
+sam = SAM(base_optimizer, rho=sam_rho, adaptive=sam_adaptive, sync_ascent=sam_sync_ascent)
+raw_model = model
+if compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[int(device.split(':')[1])] if device.startswith('cuda') else None)
+
+n_params, n_non_embedding = raw_model.num_params()
+if master:
+    print(f"model: {n_params / 1e6:.2f}M parameters ({n_non_embedding / 1e6:.2f}M non-embedding), "
+          f"{world_size} process(es) on {device}, {dtype}")
+    print(f"tokens per iteration: {tokens_per_iter:,}; run: {max_iters * tokens_per_iter:,} tokens = "
+          f"{max_iters * tokens_per_iter / n_params:.3g} per parameter; train split {len(train_tokens):,} tokens "
+          f"({max_iters * tokens_per_iter / len(train_tokens):.3g} epochs)")
+
+
+def save():
+    save_checkpoint({
+        'model': raw_model.state_dict(), 'optimizer': base_optimizer.state_dict(), 'model_args': model_args,
+        'iter_num': iter_num, 'tokens': iter_num * tokens_per_iter, 'best_val_loss': best_val_loss,
+        'config': config, 'rng_state': torch.get_rng_state(), 'data_fingerprint': meta.get('fingerprint'),
+        'dataset': dataset, 'tokenizer': meta.get('tokenizer'), 'code_version': code_version,
+    }, ckpt_path)
+
+
+def log(record):
+    with open(log_path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+try:
+    code_version = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+                                  cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+except OSError:
+    code_version = None
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    kept = []
+    if init_from == 'resume' and os.path.exists(log_path):  # drop log lines from after the checkpoint
+        with open(log_path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get('iter', 0) <= iter_num]
+    with atomic_path(log_path) as tmp, open(tmp, 'w') as f:
+        f.writelines(kept)
+    if iter_num >= max_iters:
+        print(f"{ckpt_path} already finished {max_iters} iterations")
+
+# training loop ----------------------------------------------------------------
+progress = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, desc='pretrain')
+last_time, last_iter = time.time(), iter_num
+while True:
+    stopping = iter_num >= max_iters or iter_num == stop_at_iter
+    if (iter_num % eval_interval == 0 or stopping) and not (init_from == 'resume' and iter_num == start_iter):
+        val_loss = estimate_loss(raw_model, get_val_batch, eval_iters, autocast, rank, world_size)
+        best_val_loss = min(best_val_loss, val_loss)
+        if master:
+            progress.write(f"iter {iter_num}: val loss {val_loss:.4f}")
+            log({'iter': iter_num, 'tokens': iter_num * tokens_per_iter, 'val_loss': val_loss})
+            if iter_num > 0:
+                save()
+    if stopping:
+        break
+    lr = lr_at(iter_num, learning_rate, max_iters, warmup_iters, lr_schedule, anneal_fraction, min_lr_ratio)
+    for group in base_optimizer.param_groups:
+        group['lr'] = lr
+    use_sam = optimizer == 'sam' and sam_start_fraction * max_iters <= iter_num < sam_end_fraction * max_iters
+    micro_batches = [get_train_batch(iter_num, rank * local_accum + m) for m in range(local_accum)]
+    stats = train_step(model, base_optimizer, micro_batches, autocast, grad_clip, sam if use_sam else None, z_loss)
+    if not (math.isfinite(stats['loss']) and math.isfinite(stats['grad_norm'])):
+        fail(f"non-finite loss ({stats['loss']}) or gradient norm ({stats['grad_norm']}) at iter {iter_num}; "
+             f"the optimizer did not step and the last good checkpoint ({ckpt_path}) is kept")
+    if master and stats.get('sam_skipped'):
+        progress.write(f"iter {iter_num}: SAM ascent gradient norm is {stats['ascent_grad_norm']}; perturbation skipped")
+    iter_num += 1
+    progress.update(1)
+    if master and (iter_num % log_interval == 0 or iter_num == max_iters):
+        elapsed = time.time() - last_time
+        record = {'iter': iter_num, 'tokens': iter_num * tokens_per_iter, 'lr': lr, **stats,
+                  'tokens_per_s': (iter_num - last_iter) * tokens_per_iter / elapsed}
+        log(record)
+        progress.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        last_time, last_iter = time.time(), iter_num
+progress.close()
+if ddp:
+    torch.distributed.destroy_process_group()

@@ -1,0 +1,97 @@
+"""
+Sharpness-Aware Minimization (Foret et al. 2021) around any torch optimizer.
+
+    sam = SAM(torch.optim.AdamW(model.parameters(), lr=1e-3), rho=0.05)
+    loss_fn().backward()          # gradient g at w (raw: do not clip it)
+    sam.first_step()              # w <- w + rho * g / ||g||
+    sam.zero_grad()
+    loss_fn().backward()          # gradient at the perturbed point
+    clip_grad_norm_(...)          # optional: only the descent gradient is clipped
+    sam.second_step()             # back to w, then the base optimizer steps
+
+Or in one call: sam.step(closure) with a closure that zeroes grads, computes the loss and backprops.
+
+Under DDP run the first backward inside `with sam.ascent_context(model):`, which
+is model.no_sync(): each rank perturbs along its own local gradient (the paper's
+m-sharpness) and the second backward all-reduces as usual. SAM(..., sync_ascent=True)
+all-reduces the ascent gradient too. SAM keeps one parameter-sized buffer (a copy of w,
+allocated once) and its state_dict is the base optimizer's, so a run can switch
+between AdamW and SAM through a checkpoint.
+"""
+import contextlib
+import math
+
+import torch
+
+
+class SAM:
+    def __init__(self, base_optimizer, rho=0.05, adaptive=False, sync_ascent=False):
+        if rho < 0:
+            raise ValueError(f"rho must be >= 0, got {rho}")
+        self.base_optimizer = base_optimizer
+        self.rho = rho
+        self.adaptive = adaptive  # ASAM (Kwon et al. 2021): perturbation scaled elementwise by w^2
+        self.sync_ascent = sync_ascent  # DDP: all-reduce the ascent gradient too (not the paper's default)
+        self.saved_weights = None  # the one extra parameter-sized buffer: w while we sit at w + e
+        self.perturbed_params = None
+        self.skipped_steps = 0  # first steps skipped because the gradient norm was not finite
+        self.last_grad_norm = None
+
+    @property
+    def param_groups(self):
+        return self.base_optimizer.param_groups
+
+    def ascent_context(self, model):
+        """Wrap the first (ascent) backward in this: under DDP it keeps the gradient local to each rank."""
+        if hasattr(model, 'no_sync') and not self.sync_ascent:
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def first_step(self):
+        """Move to w + e(w) along the raw gradient. Returns its norm; a non-finite norm skips the move."""
+        params = [p for group in self.param_groups for p in group['params'] if p.grad is not None]
+        grads = [p.grad for p in params]
+        if self.adaptive:  # the gradient is discarded after this step, so it is scaled in place
+            torch._foreach_mul_(grads, torch._foreach_abs(params))
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        self.last_grad_norm = norm.item()
+        if not math.isfinite(self.last_grad_norm):
+            self.skipped_steps += 1
+            return self.last_grad_norm
+        if self.saved_weights is None:
+            self.saved_weights = {p: torch.empty_like(p) for group in self.param_groups for p in group['params']}
+        self.perturbed_params = params
+        torch._foreach_copy_([self.saved_weights[p] for p in params], params)
+        if self.adaptive:
+            torch._foreach_mul_(grads, torch._foreach_abs(params))
+        torch._foreach_add_(params, grads, alpha=self.rho / (self.last_grad_norm + 1e-12))
+        return self.last_grad_norm
+
+    @torch.no_grad()
+    def restore(self):
+        """Back to exactly w: copied, not subtracted, so no rounding error accumulates."""
+        if self.perturbed_params is not None:
+            torch._foreach_copy_(self.perturbed_params, [self.saved_weights[p] for p in self.perturbed_params])
+            self.perturbed_params = None
+
+    def second_step(self):
+        self.restore()
+        self.base_optimizer.step()
+
+    def step(self, closure):
+        """A whole SAM step; closure() must zero the grads, compute the loss, backprop and return the loss."""
+        loss = closure()
+        self.first_step()
+        closure()
+        self.second_step()
+        return loss
+
+    def zero_grad(self, set_to_none=True):
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self.base_optimizer.load_state_dict(state_dict)

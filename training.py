@@ -1,0 +1,126 @@
+"""
+What pretrain.py and finetune.py share: process setup (single, or DDP under
+torchrun), the learning-rate schedules, one optimizer step (AdamW or SAM, with
+gradient accumulation) and the validation loss.
+"""
+import contextlib
+import math
+import os
+
+import torch
+import torch.distributed as dist
+
+from config import fail
+
+
+def setup_device(device):
+    """Returns (ddp, rank, world_size, device). Under torchrun: nccl on CUDA, gloo on CPU."""
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        fail(f"device={device!r} but no CUDA device is available (use --device=cpu)")
+    ddp = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
+    if not ddp:
+        return False, 0, 1, device
+    rank, world_size, local_rank = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ.get('LOCAL_RANK', 0))
+    if device.startswith('cuda'):
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    return True, rank, world_size, device
+
+
+def autocast_context(device, dtype):
+    if dtype == 'float32':
+        return contextlib.nullcontext()
+    return torch.autocast(device_type='cuda' if device.startswith('cuda') else 'cpu', dtype=torch.bfloat16)
+
+
+def resolve_dtype(dtype, device):
+    """'auto' is bfloat16 where the device supports it (the paper's setting), else float32."""
+    if dtype == 'auto':
+        return 'bfloat16' if device.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
+    return dtype
+
+
+def lr_at(it, learning_rate, max_iters, warmup_iters, lr_schedule, anneal_fraction=1.0, min_lr_ratio=0.1):
+    """Linear warmup, then
+    cosine:   cosine decay to min_lr_ratio * peak at max_iters;
+    wsd:      constant peak, then linear decay to min_lr_ratio * peak over the final anneal_fraction of steps
+              (never starting before warmup ends);
+    constant: the peak."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    min_lr = min_lr_ratio * learning_rate
+    if lr_schedule == 'constant':
+        return learning_rate
+    if lr_schedule == 'cosine':
+        progress = (it - warmup_iters) / max(1, max_iters - warmup_iters)
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (learning_rate - min_lr)
+    if lr_schedule == 'wsd':
+        anneal_start = max(warmup_iters, max_iters - round(anneal_fraction * max_iters))
+        if it < anneal_start:
+            return learning_rate
+        progress = (it - anneal_start) / max(1, max_iters - anneal_start)
+        return learning_rate - min(progress, 1.0) * (learning_rate - min_lr)
+    raise ValueError(f"unknown lr_schedule {lr_schedule!r}")
+
+
+def _accumulate_gradients(model, micro_batches, autocast, z_loss):
+    """Forward/backward over the micro-batches; under DDP only the last one all-reduces. Returns the mean loss."""
+    total = 0.0
+    for i, (x, y, mask) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, 'no_sync') else model.no_sync()
+        with sync:
+            with autocast:
+                _, loss = model(x, y, loss_mask=mask, z_loss=z_loss)
+            (loss / len(micro_batches)).backward()
+        total += loss.detach()
+    return total / len(micro_batches)
+
+
+def train_step(model, optimizer, micro_batches, autocast, grad_clip, sam=None, z_loss=0.0):
+    """One optimizer step on micro_batches [(x, y, loss_mask or None), ...].
+
+    With sam: gradient at w over all micro-batches (local to the rank unless sam.sync_ascent),
+    move to w + e, gradient there (all-reduced), back to w, clip, step. The returned dict has
+    loss (at w), sam_loss (at w + e, SAM only), grad_norm (descent gradient, before clipping),
+    ascent_grad_norm (SAM only) and sam_skipped (True when a non-finite ascent norm skipped the move)."""
+    stats = {}
+    if sam is not None:
+        with sam.ascent_context(model):
+            stats['loss'] = _accumulate_gradients(model, micro_batches, autocast, z_loss)
+        stats['ascent_grad_norm'] = sam.first_step()
+        stats['sam_skipped'] = sam.perturbed_params is None
+        optimizer.zero_grad(set_to_none=True)
+        stats['sam_loss'] = _accumulate_gradients(model, micro_batches, autocast, z_loss)
+        sam.restore()
+    else:
+        stats['loss'] = _accumulate_gradients(model, micro_batches, autocast, z_loss)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    stats['grad_norm'] = grad_norm.item()
+    if math.isfinite(stats['grad_norm']):  # never let a non-finite gradient into the optimizer state
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    stats = {k: v.item() if torch.is_tensor(v) else v for k, v in stats.items()}
+    return stats
+
+
+@torch.no_grad()
+def estimate_loss(model, get_batch, n_batches, autocast, rank=0, world_size=1):
+    """Mean loss over the fixed batches get_batch(0..n_batches-1), split across DDP ranks."""
+    was_training = model.training
+    model.eval()
+    loss_sum, count = 0.0, 0
+    for i in range(rank, n_batches, world_size):
+        x, y, mask = get_batch(i)
+        with autocast:
+            _, loss = model(x, y, loss_mask=mask)
+        loss_sum, count = loss_sum + loss.item(), count + 1
+    model.train(was_training)
+    if world_size > 1:
+        total = torch.tensor([loss_sum, count], dtype=torch.float64, device=next(model.parameters()).device)
+        dist.all_reduce(total)
+        loss_sum, count = total.tolist()
+    return loss_sum / max(count, 1)
