@@ -4,22 +4,23 @@ Measures what SAM costs over AdamW on this machine, for one model shape (default
     python benchmark.py                                   # the CPU presets' shape and batch
     python benchmark.py --n_embd=512 --n_layer=8 --n_head=8 --block_size=1024 --vocab_size=100352 --device=cuda
 
-Prints: AdamW training tokens/s; SAM step time / AdamW step time (two forward/backward passes
-make 2.0 the floor); SAM's peak extra memory over AdamW divided by the parameter bytes (SAM's
+Prints: AdamW training tokens/s; SAM step time / AdamW step time (two forward/backward
+passes per step: about 2); SAM's peak extra memory over AdamW divided by the parameter bytes (SAM's
 design target: 1.0, one copy of the weights). On CUDA the peaks come from the caching allocator's
-statistics; on the CPU each optimizer runs in its own fresh process and the peak resident set
-sizes are compared, so allocator noise enters that figure.
+statistics; on the CPU a dispatch-mode tracker adds up the bytes of every live tensor storage
+(the same accounting, without allocator caching).
 """
-import json
-import resource
+import contextlib
 import statistics
-import subprocess
 import sys
 import time
+import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
 
-from config import check_choice, config_defaults, load_config
+from config import config_defaults, load_config
 from model import GPT, GPTConfig
 from sam import SAM
 from training import autocast_context, resolve_dtype, setup_device, train_step
@@ -32,7 +33,6 @@ vocab_size = 4096
 block_size = 256
 batch_size = 16
 gradient_accumulation_steps = 1
-optimizer = 'both'  # 'both' runs the comparison; 'adamw' / 'sam' measure one optimizer (used for the CPU memory runs)
 warmup_steps = 3
 steps = 20
 device = 'auto'
@@ -42,11 +42,36 @@ seed = 1337
 # -----------------------------------------------------------------------------
 config = load_config(config_defaults(globals()), sys.argv[1:])
 globals().update(config)
-check_choice(config, 'optimizer', ('both', 'adamw', 'sam'))
 
 
-def measure(use_sam):
-    """Median step time (s) and peak memory (bytes, CUDA only) of `steps` training steps on random tokens."""
+class PeakTensorMemory(TorchDispatchMode):
+    """Peak bytes of tensor storage created while active (on any device), freed storage subtracted."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.current, self.peak = {}, 0, 0
+
+    def _track(self, tensor):
+        storage = tensor.untyped_storage()
+        key, size = storage.data_ptr(), storage.nbytes()
+        if size == 0 or key in self.live:
+            return
+
+        def release(_, key=key, size=size):
+            self.live.pop(key, None)
+            self.current -= size
+        self.live[key] = weakref.ref(storage, release)
+        self.current += size
+        self.peak = max(self.peak, self.current)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tree_map_only(torch.Tensor, self._track, out)
+        return out
+
+
+def run(use_sam, n_steps, tracker=contextlib.nullcontext()):
+    """Median step time (s) over the last n_steps of warmup_steps + n_steps training steps on random tokens."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
                           n_embd=n_embd)).to(device)
@@ -57,46 +82,41 @@ def measure(use_sam):
     batches = [(x, x.roll(-1, 1), None) for x in
                torch.randint(0, vocab_size, (gradient_accumulation_steps, batch_size, block_size), device=device)]
     times = []
+    with tracker:
+        for i in range(warmup_steps + n_steps):
+            start = time.perf_counter()
+            train_step(step_model, base, batches, autocast, 1.0, sam)
+            if device.startswith('cuda'):
+                torch.cuda.synchronize()
+            if i >= warmup_steps:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_memory(use_sam):
+    """Peak bytes during two steps: the CUDA allocator's statistics, or a tensor-storage tracker on the CPU."""
     if device.startswith('cuda'):
-        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    for i in range(warmup_steps + steps):
-        start = time.perf_counter()
-        train_step(step_model, base, batches, autocast, 1.0, sam)
-        if device.startswith('cuda'):
-            torch.cuda.synchronize()
-        if i >= warmup_steps:
-            times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if device.startswith('cuda') else None
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return statistics.median(times), peak, param_bytes
+        run(use_sam, 2)
+        return torch.cuda.max_memory_allocated()
+    tracker = PeakTensorMemory()
+    run(use_sam, 2, tracker)
+    return tracker.peak
 
 
 _, _, _, device = setup_device(device)
 resolved_dtype = resolve_dtype(dtype, device)
-if optimizer != 'both':  # a child process of the CPU memory comparison
-    step_time, _, param_bytes = measure(optimizer == 'sam')
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    print(json.dumps({'step_time': step_time, 'peak_rss': rss, 'param_bytes': param_bytes}))
-    sys.exit(0)
-
 tokens_per_step = batch_size * gradient_accumulation_steps * block_size
-print(f"benchmark: {n_layer} layers, d={n_embd}, vocab {vocab_size}, {tokens_per_step} tokens/step, "
-      f"{device}, {resolved_dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-if device.startswith('cuda'):
-    adamw_time, adamw_peak, param_bytes = measure(False)
-    sam_time, sam_peak, _ = measure(True)
-else:
-    runs = {}
-    for name in ('adamw', 'sam'):
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], f'--optimizer={name}'],
-                             capture_output=True, text=True, check=True).stdout
-        runs[name] = json.loads(out.strip().splitlines()[-1])
-    adamw_time, adamw_peak, param_bytes = runs['adamw']['step_time'], runs['adamw']['peak_rss'], runs['adamw']['param_bytes']
-    sam_time, sam_peak = runs['sam']['step_time'], runs['sam']['peak_rss']
-print(f"parameters: {param_bytes / 4 / 1e6:.2f}M ({param_bytes / 2**20:.1f} MiB)")
+param_bytes = sum(p.numel() * p.element_size() for p in
+                  GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
+                                n_embd=n_embd)).parameters())
+print(f"benchmark: {n_layer} layers, d={n_embd}, vocab {vocab_size}, {param_bytes / 4 / 1e6:.2f}M parameters, "
+      f"{tokens_per_step} tokens/step, {device}, {resolved_dtype}, torch {torch.__version__}, "
+      f"{torch.get_num_threads()} threads")
+adamw_time, sam_time = run(False, steps), run(True, steps)
+extra_memory = peak_memory(True) - peak_memory(False)
 print(f"AdamW: {tokens_per_step / adamw_time:,.0f} tokens/s ({adamw_time * 1e3:.1f} ms/step, median of {steps})")
 print(f"SAM:   {tokens_per_step / sam_time:,.0f} tokens/s ({sam_time * 1e3:.1f} ms/step)")
-print(f"SAM / AdamW step time: {sam_time / adamw_time:.3f}  (floor 2.0, target <= 2.05)")
-print(f"SAM extra peak memory / parameter bytes: {(sam_peak - adamw_peak) / param_bytes:.3f}  (target <= 1.0; "
-      f"{'CUDA allocator peaks' if device.startswith('cuda') else 'peak RSS of separate processes'})")
+print(f"SAM / AdamW step time: {sam_time / adamw_time:.3f}  (two forward/backward passes: about 2; target <= 2.05)")
+print(f"SAM extra peak memory / parameter bytes: {extra_memory / param_bytes:.3f}  (target <= 1.0)")

@@ -114,7 +114,7 @@ torch.manual_seed(seed + rank)
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 log_path = os.path.join(out_dir, 'log.jsonl')
-if init_from == 'scratch' and os.path.exists(ckpt_path) and not overwrite:
+if init_from != 'resume' and os.path.exists(ckpt_path) and not overwrite:  # scratch or mid-training
     fail(f"{ckpt_path} exists: resume it with --init_from=resume, pick another --out_dir, or pass --overwrite=True")
 
 # data -------------------------------------------------------------------------
@@ -149,6 +149,10 @@ else:
                 fail(f"resume: config has {k}={config[k]!r} but the checkpoint was trained with {model_args[k]!r}")
         if checkpoint.get('data_fingerprint') not in (None, meta.get('fingerprint')):
             fail(f"resume: dataset {data_dir} is not the data this checkpoint was trained on (fingerprint differs)")
+    saved_tokenizer, data_tokenizer = checkpoint.get('tokenizer') or {}, meta['tokenizer']
+    if saved_tokenizer.get('hash', saved_tokenizer.get('name')) != data_tokenizer.get('hash', data_tokenizer.get('name')):
+        fail(f"dataset {data_dir} is tokenized differently from the checkpoint's training data "
+             f"(prepare it with --tokenizer=<the checkpoint's dataset directory>)")
 check(meta['vocab_size'] <= model_args['vocab_size'],
       f"dataset vocabulary ({meta['vocab_size']}) is larger than the model's vocab_size ({model_args['vocab_size']})")
 model = GPT(GPTConfig(**model_args))
@@ -159,9 +163,13 @@ base_optimizer = torch.optim.AdamW(model.param_groups(weight_decay, decay_embedd
                                    betas=(beta1, beta2), eps=eps, foreach=True)
 iter_num, best_val_loss = 0, math.inf
 if init_from == 'resume' or (checkpoint is not None and keep_optimizer_state):
+    new_groups = [(len(g['params']), g['weight_decay']) for g in base_optimizer.param_groups]
+    check([len(g['params']) for g in checkpoint['optimizer']['param_groups']] == [n for n, _ in new_groups],
+          f"the optimizer state in {ckpt_path if init_from == 'resume' else init_from} has other parameter groups "
+          f"(trained with another decay_embeddings?); match it, or use --keep_optimizer_state=False")
     base_optimizer.load_state_dict(checkpoint['optimizer'])
-    for group in base_optimizer.param_groups:  # the new run's hyperparameters win over the saved ones
-        group.update(betas=(beta1, beta2), eps=eps)
+    for group, (_, wd) in zip(base_optimizer.param_groups, new_groups):  # the new run's hyperparameters win
+        group.update(betas=(beta1, beta2), eps=eps, weight_decay=wd)
 if init_from == 'resume':
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
     torch.set_rng_state(checkpoint['rng_state'])
@@ -207,7 +215,12 @@ if master:
     kept = []
     if init_from == 'resume' and os.path.exists(log_path):  # drop log lines from after the checkpoint
         with open(log_path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get('iter', 0) <= iter_num]
+            for line in f:
+                try:
+                    if json.loads(line).get('iter', 0) <= iter_num:
+                        kept.append(line)
+                except ValueError:  # a line cut short by a kill mid-write
+                    pass
     with atomic_path(log_path) as tmp, open(tmp, 'w') as f:
         f.writelines(kept)
     if iter_num >= max_iters:
@@ -249,5 +262,6 @@ while True:
         progress.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         last_time, last_iter = time.time(), iter_num
 progress.close()
-if ddp:
+if ddp:  # wait for rank 0's last checkpoint: a rank tearing gloo down first can abort (SIGABRT) the other
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()

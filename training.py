@@ -48,7 +48,9 @@ def lr_at(it, learning_rate, max_iters, warmup_iters, lr_schedule, anneal_fracti
     cosine:   cosine decay to min_lr_ratio * peak at max_iters;
     wsd:      constant peak, then linear decay to min_lr_ratio * peak over the final anneal_fraction of steps
               (never starting before warmup ends);
-    constant: the peak."""
+    constant: the peak.
+    Values are those at the start of step `it` (0-based); the minimum is reached at it = max_iters, so the
+    last step taken (max_iters - 1) sits one decay increment above it, as in nanoGPT and OLMo."""
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     min_lr = min_lr_ratio * learning_rate

@@ -57,14 +57,6 @@ def decoded_documents(data_dir):
     return docs
 
 
-@pytest.fixture(scope='session')
-def wiki(tmp_path_factory):
-    root = tmp_path_factory.mktemp('data')
-    result = prepare(f'--data_root={root}', '--max_docs=300', '--vocab_size=512')
-    assert result.returncode == 0, result.stderr
-    return str(root / 'wiki_en')
-
-
 def test_wiki_meta(wiki):
     meta = data.load_meta(wiki)
     assert meta['dataset'] == 'wiki_en' and meta['source'] == 'wiki_en'
