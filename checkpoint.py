@@ -60,3 +60,15 @@ def load_checkpoint(path, map_location='cpu'):
     if checkpoint.get('format_version', 0) > CHECKPOINT_FORMAT:
         fail(f"{path} has checkpoint format {checkpoint['format_version']}; this code reads up to {CHECKPOINT_FORMAT}")
     return checkpoint
+
+
+def load_model(path, device='cpu'):
+    """(model in eval mode on device, checkpoint dict) for any checkpoint of ours; one line if it does not fit."""
+    from model import GPT, GPTConfig  # here, not at the top: data-only scripts need not import the model
+    checkpoint = load_checkpoint(path, map_location=device)
+    try:
+        model = GPT(GPTConfig(**checkpoint['model_args']))
+        model.load_state_dict(checkpoint['model'])
+    except (TypeError, RuntimeError) as e:
+        fail(f"checkpoint {path} does not match this code's model ({str(e).splitlines()[0]})")
+    return model.to(device).eval(), checkpoint
