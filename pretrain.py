@@ -172,7 +172,7 @@ if init_from == 'resume' or (checkpoint is not None and keep_optimizer_state):
         group.update(betas=(beta1, beta2), eps=eps, weight_decay=wd)
 if init_from == 'resume':
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
-    torch.set_rng_state(checkpoint['rng_state'])
+    torch.set_rng_state(checkpoint['rng_state'].cpu())  # map_location may have moved it to the GPU
 start_iter = iter_num
 checkpoint = None  # free the memory
 sam = SAM(base_optimizer, rho=sam_rho, adaptive=sam_adaptive, sync_ascent=sam_sync_ascent)
