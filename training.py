@@ -111,15 +111,19 @@ def train_step(model, optimizer, micro_batches, autocast, grad_clip, sam=None, z
 
 @torch.no_grad()
 def estimate_loss(model, get_batch, n_batches, autocast, rank=0, world_size=1):
-    """Mean loss over the fixed batches get_batch(0..n_batches-1), split across DDP ranks."""
+    """Mean loss per trained token over the fixed batches get_batch(0..n_batches-1), split across DDP ranks
+    (a batch counts by its number of loss_mask tokens, so packed chat data is weighted like one long text)."""
     was_training = model.training
     model.eval()
     loss_sum, count = 0.0, 0
     for i in range(rank, n_batches, world_size):
         x, y, mask = get_batch(i)
+        n = y.numel() if mask is None else int(mask.sum())
+        if n == 0:  # nothing trained in this batch: the model would report 0
+            continue
         with autocast:
             _, loss = model(x, y, loss_mask=mask)
-        loss_sum, count = loss_sum + loss.item(), count + 1
+        loss_sum, count = loss_sum + loss.item() * n, count + n
     model.train(was_training)
     if world_size > 1:
         total = torch.tensor([loss_sum, count], dtype=torch.float64, device=next(model.parameters()).device)

@@ -16,3 +16,43 @@ def wiki(tmp_path_factory):
                              '--vocab_size=512'], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
     return str(root / 'wiki_en')
+
+
+@pytest.fixture(scope='session')
+def tiny_ckpt(wiki, tmp_path_factory):
+    """ckpt.pt of a 1-layer model (d 32, block 32) pretrained 8 iterations on `wiki` by pretrain.py; read-only."""
+    out = tmp_path_factory.mktemp('tiny_ckpt')
+    args = [f'--data_root={os.path.dirname(wiki)}', f'--out_dir={out}', '--n_layer=1', '--n_head=2', '--n_embd=32',
+            '--block_size=32', '--batch_size=8', '--gradient_accumulation_steps=1', '--max_iters=8', '--warmup_iters=1',
+            '--learning_rate=1e-2', '--eval_interval=8', '--eval_iters=2', '--device=cpu', '--dtype=float32']
+    result = subprocess.run([sys.executable, os.path.join(REPO, 'pretrain.py'), *args], capture_output=True, text=True,
+                            cwd=REPO, env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return str(out / 'ckpt.pt')
+
+
+@pytest.fixture(scope='session')
+def run_script():
+    """run_script('quantize.py', '--key=value', ...) runs a repository script in this process, as `python script
+    args` would (sys.argv, __main__), and returns a CompletedProcess with its exit code, stdout and stderr. For
+    the many short failing runs of bad-input tests: no 2-3 s interpreter start each (a fresh interpreter's own
+    noise, e.g. import-time warnings, needs a real subprocess)."""
+    import contextlib
+    import io
+    import runpy
+
+    def run(script, *args):
+        argv = [os.path.join(REPO, script), *map(str, args)]
+        saved_argv, saved_path = sys.argv, list(sys.path)
+        sys.argv, out, err = argv, io.StringIO(), io.StringIO()
+        sys.path.insert(0, REPO)
+        code = 0
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                runpy.run_path(argv[0], run_name='__main__')
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        finally:
+            sys.argv, sys.path[:] = saved_argv, saved_path
+        return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+    return run

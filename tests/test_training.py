@@ -138,6 +138,7 @@ def test_estimate_loss(start_in_train_mode):
     batches = fixed_batches()
     with torch.no_grad():
         per_batch = [model(x, y, loss_mask=m)[1].item() for x, y, m in batches]
+    tokens = [y.numel() if m is None else int(m.sum()) for _, y, m in batches]
     assert max(per_batch) - min(per_batch) > 1e-3
     model.train(start_in_train_mode)
     modes = []
@@ -146,7 +147,9 @@ def test_estimate_loss(start_in_train_mode):
         modes.append(model.training)
         return batches[i]
     result = estimate_loss(model, get_batch, len(batches), contextlib.nullcontext())
-    assert abs(result - sum(per_batch) / len(per_batch)) < 1e-6
+    # per trained token: batch i weighs by its number of loss-mask tokens
+    assert abs(result - sum(l * n for l, n in zip(per_batch, tokens)) / sum(tokens)) < 1e-6
+    assert abs(result - sum(per_batch) / len(per_batch)) > 1e-6  # ...which is not the mean of the batch means
     assert modes == [False] * len(batches)  # evaluated in eval mode, each fixed batch once
     assert model.training == start_in_train_mode
     assert all(p.grad is None for p in model.parameters())

@@ -1,0 +1,250 @@
+"""
+Supervised fine-tuning (SFT) of a base checkpoint, measuring learning and forgetting.
+
+    python finetune.py configs/sft/gsm8k.py --init_from=out/cpu_sam/ckpt.pt --learning_rate=3e-4
+    torchrun --standalone --nproc_per_node=8 finetune.py configs/sft/starcoder.py --init_from=out/sam_60m/ckpt.pt \
+        --batch_size=8 --block_size=1024 --max_tokens=10000000 --device=cuda   # the paper's setting (see configs/sft/)
+
+The paper's post-training recipe: AdamW with a fresh state, linear warmup over warmup_fraction of the steps, then
+cosine decay to min_lr_ratio x peak, weight decay 0.1, max_tokens fine-tuning tokens (fewer if the task's training
+split runs out first: one pass, never a second epoch). The task's data comes from tasks.py.
+
+At iteration 0 (the base model), every eval_interval and at the end it measures
+  learning:   loss on the task's validation split (val_tokens tokens in fixed batches of batch_size; for chat tasks
+              the assistant tokens only; like every validation loss here (training.estimate_loss), the mean over
+              all trained tokens),
+  forgetting: loss on the base model's pretraining validation split (eval_iters fixed batches of data.val_batch,
+              the same batches every time),
+and rewrites out_dir/result.json atomically: {task, source, init_from, learning_rate, max_tokens, tokens_per_iter,
+max_iters, base: {ft_val_loss, pt_val_loss}, trajectory: [{iter, tokens, lr, ft_val_loss, pt_val_loss}],
+final: {ft_val_loss, pt_val_loss} (null until the run has finished), config}; lr is that of the last step taken.
+out_dir/log.jsonl has the training steps; out_dir/ckpt.pt (written at the end, in pretrain.py's format without the
+optimizer state) loads with checkpoint.load_model. A learning-rate sweep is one run per --learning_rate and out_dir.
+
+block_size defaults to the base model's context; another one is allowed (RoPE is recomputed for any length, and
+pretrain.py's mid-training allows the same), though contexts past the pretrained one are untrained positions.
+Resuming is not supported (a CPU run takes minutes): rerun with --overwrite=True.
+"""
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from checkpoint import atomic_path, code_version, load_checkpoint, save_checkpoint, write_json
+from config import check, check_choice, config_defaults, fail, load_config
+from data import load_meta, load_tokenizer, open_tokens, sample_chunks, tokenizer_id, val_batch
+from model import GPT, GPTConfig
+from tasks import task_tensors
+from training import autocast_context, estimate_loss, lr_at, resolve_dtype, setup_device, train_step
+
+# -----------------------------------------------------------------------------
+# defaults: the paper's small-model SFT recipe on one process; configs/sft/ override them
+out_dir = 'out/finetune'
+init_from = ''  # required: the base model's checkpoint (pretrain.py's, or finetune.py's)
+overwrite = False  # allow replacing an existing out_dir/result.json and ckpt.pt
+# task (see tasks.py)
+task = 'gsm8k'  # gsm8k | stackmathqa | starcoder | musicpile | tulu | metamath | french | path of a .jsonl file
+source = 'offline'  # 'offline' (stand-ins, no internet) | 'hub' (the paper's datasets)
+max_tokens = 10_000_000  # fine-tuning tokens; the paper's 10M (GSM8K: all of it, ~1.2M)
+val_tokens = 65536  # fine-tuning validation tokens (learning)
+# forgetting: loss on the base model's pretraining validation split
+pretrain_data = ''  # prepared dataset directory; '' = the base checkpoint's data_root/dataset
+eval_interval = 50
+eval_iters = 20  # pretraining validation batches of batch_size x block_size
+log_interval = 10
+# batch: tokens per step = batch_size * gradient_accumulation_steps * block_size (all processes together)
+batch_size = 8  # per process, per micro-step
+block_size = 0  # 0 = the base model's context
+gradient_accumulation_steps = 8  # in total; divided among processes (8 x 8 = the paper's 64 sequences)
+# optimizer: AdamW, fresh state
+learning_rate = 1e-4  # the paper sweeps it (7-11 values per base model)
+warmup_fraction = 0.1
+min_lr_ratio = 0.1
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+eps = 1e-8
+grad_clip = 1.0  # 0 disables clipping
+# system
+seed = 1337  # training data (generated examples and their order)
+device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'cuda:N'
+dtype = 'auto'  # 'auto' (bfloat16 on GPUs that have it) | 'bfloat16' | 'float32'
+compile = False
+# -----------------------------------------------------------------------------
+config = load_config(config_defaults(globals()), sys.argv[1:])
+globals().update(config)
+check_choice(config, 'dtype', ('auto', 'bfloat16', 'float32'))
+check_choice(config, 'source', ('offline', 'hub'))
+check(init_from not in ('', 'scratch', 'resume'),
+      f"init_from must be the path of a base checkpoint (resume is not supported), got {init_from!r}")
+for key in ('max_tokens', 'val_tokens', 'batch_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters',
+            'log_interval'):
+    check(config[key] > 0, f"{key} must be positive, got {config[key]}")
+check(block_size >= 0, f"block_size must be >= 0 (0 = the base model's), got {block_size}")
+check(0 <= warmup_fraction < 1 and 0 <= min_lr_ratio <= 1, "need 0 <= warmup_fraction < 1 and 0 <= min_lr_ratio <= 1")
+check(learning_rate > 0 and weight_decay >= 0 and grad_clip >= 0, "learning_rate must be > 0, weight_decay and grad_clip >= 0")
+
+ddp, rank, world_size, device = setup_device(device)
+master = rank == 0
+check(gradient_accumulation_steps % world_size == 0,
+      f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be divisible by the number of processes ({world_size})")
+local_accum = gradient_accumulation_steps // world_size
+dtype = resolve_dtype(dtype, device)
+autocast = autocast_context(device, dtype)
+torch.manual_seed(seed + rank)
+ckpt_path, result_path, log_path = (os.path.join(out_dir, f) for f in ('ckpt.pt', 'result.json', 'log.jsonl'))
+check(os.path.abspath(init_from) != os.path.abspath(ckpt_path), f"init_from is {ckpt_path} itself; pick another out_dir")
+for path in (result_path, ckpt_path):
+    check(overwrite or not os.path.exists(path), f"{path} exists: pick another --out_dir or pass --overwrite=True")
+
+# base model and its pretraining data ---------------------------------------------
+checkpoint = load_checkpoint(init_from, map_location=device)
+base_config = checkpoint.get('config') or {}
+if not pretrain_data:
+    check(base_config.get('dataset'), f"{init_from} does not name its pretraining data; pass --pretrain_data=<directory>")
+    pretrain_data = os.path.join(base_config.get('data_root', 'data'), base_config['dataset'])
+meta = load_meta(pretrain_data)
+if tokenizer_id(checkpoint.get('tokenizer')) != tokenizer_id(meta['tokenizer']):
+    fail(f"{pretrain_data} is tokenized differently from the data {init_from} was trained on; "
+         f"forgetting must be measured on the base model's own pretraining data (--pretrain_data)")
+enc = load_tokenizer(meta)  # the base model's tokenizer, which the task is encoded with
+pt_val_tokens = open_tokens(pretrain_data, 'val', meta)
+model_args = dict(checkpoint['model_args'])
+block_size = block_size or model_args['block_size']
+if master and block_size > model_args['block_size']:
+    print(f"note: block_size {block_size} is longer than the base model's context ({model_args['block_size']})")
+model_args['block_size'] = block_size  # RoPE tables are built for it
+config.update(pretrain_data=pretrain_data, block_size=block_size)  # recorded as resolved
+check(meta['vocab_size'] <= model_args['vocab_size'],
+      f"{pretrain_data}'s vocabulary ({meta['vocab_size']}) is larger than the model's vocab_size ({model_args['vocab_size']})")
+
+# task data -----------------------------------------------------------------------
+check(val_tokens >= batch_size * block_size, f"val_tokens ({val_tokens}) must hold at least one batch "
+      f"(batch_size x block_size = {batch_size * block_size})")
+train_x, train_y, train_mask = task_tensors(task, 'train', enc, block_size, max_tokens, seed, source)
+val_x, val_y, val_mask = task_tensors(task, 'val', enc, block_size, val_tokens, seed, source)
+n_val_batches = len(val_x) // batch_size  # whole batches: every evaluation sees the same sequences
+check(n_val_batches > 0, f"the validation split of {task} holds {len(val_x)} sequences of {block_size} tokens, "
+      f"less than one batch of {batch_size}")
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+max_iters = len(train_x) // (gradient_accumulation_steps * batch_size)  # one pass at most
+check(max_iters > 0, f"the training split of {task} holds {len(train_x)} sequences of {block_size} tokens, "
+      f"less than one step of {gradient_accumulation_steps * batch_size}")
+warmup_iters = round(warmup_fraction * max_iters)
+
+
+def get_train_batch(it, micro_step):
+    """Micro-step m of iteration it holds global samples [(it * accum + m) * batch_size, ...): rank-independent."""
+    rows = torch.tensor(sample_chunks((it * gradient_accumulation_steps + micro_step) * batch_size, batch_size,
+                                      len(train_x), seed))
+    return train_x[rows].to(device), train_y[rows].to(device), train_mask[rows].to(device)
+
+
+def get_ft_val_batch(i):
+    rows = slice(i * batch_size, (i + 1) * batch_size)
+    return val_x[rows].to(device), val_y[rows].to(device), val_mask[rows].to(device)
+
+
+def get_pt_val_batch(i):
+    return (*val_batch(pt_val_tokens, block_size, batch_size, i, device), None)
+
+
+# model ---------------------------------------------------------------------------
+model = GPT(GPTConfig(**model_args))
+model.load_state_dict(checkpoint['model'])
+model.to(device)
+checkpoint = None  # free the memory
+optimizer = torch.optim.AdamW(model.param_groups(weight_decay), lr=learning_rate, betas=(beta1, beta2), eps=eps,
+                              foreach=True)
+raw_model = model
+if compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[int(device.split(':')[1])] if device.startswith('cuda') else None)
+if master:
+    print(f"fine-tuning {init_from} on {task} ({source}): {len(train_x) * block_size:,} training tokens "
+          f"({'all of the split' if len(train_x) < max_tokens // block_size else f'max_tokens={max_tokens:,}'})"
+          f", {max_iters} steps of {tokens_per_iter:,} tokens, {world_size} process(es) on {device}, {dtype}")
+    print(f"learning: {n_val_batches * batch_size * block_size:,} {task} validation tokens; forgetting: {eval_iters} "
+          f"batches of {pretrain_data} val")
+
+result = {'task': task, 'source': source, 'init_from': init_from, 'learning_rate': learning_rate,
+          'max_tokens': max_tokens, 'tokens_per_iter': tokens_per_iter, 'max_iters': max_iters,
+          'base': None, 'trajectory': [], 'final': None, 'config': config}
+
+
+def evaluate(it, lr):
+    ft = estimate_loss(raw_model, get_ft_val_batch, n_val_batches, autocast, rank, world_size)
+    pt = estimate_loss(raw_model, get_pt_val_batch, eval_iters, autocast, rank, world_size)
+    if not master:
+        return
+    losses = {'ft_val_loss': ft, 'pt_val_loss': pt}
+    result['base'] = result['base'] or losses
+    result['trajectory'].append({'iter': it, 'tokens': it * tokens_per_iter, 'lr': lr, **losses})
+    result['final'] = losses if it == max_iters else None
+    write_json(result, result_path)
+    log({'iter': it, 'tokens': it * tokens_per_iter, **losses})
+    progress.write(f"iter {it}: {task} val loss {ft:.4f}, pretraining val loss {pt:.4f}")
+
+
+def log(record):
+    with open(log_path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+git_commit = code_version()
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    if overwrite and os.path.exists(ckpt_path):  # an old model must not sit beside the new run's results
+        os.remove(ckpt_path)
+    with atomic_path(log_path) as tmp:
+        open(tmp, 'w').close()
+
+# training loop -------------------------------------------------------------------
+progress = tqdm(total=max_iters, disable=not master, dynamic_ncols=True, desc=f'finetune {task}')
+iter_num, lr = 0, 0.0
+last_time, last_iter = time.time(), 0
+while True:
+    if iter_num % eval_interval == 0 or iter_num == max_iters:
+        evaluate(iter_num, lr)
+    if iter_num == max_iters:
+        break
+    lr = lr_at(iter_num, learning_rate, max_iters, warmup_iters, 'cosine', min_lr_ratio=min_lr_ratio)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    micro_batches = [get_train_batch(iter_num, rank * local_accum + m) for m in range(local_accum)]
+    stats = train_step(model, optimizer, micro_batches, autocast, grad_clip)
+    if not (math.isfinite(stats['loss']) and math.isfinite(stats['grad_norm'])):
+        fail(f"non-finite loss ({stats['loss']}) or gradient norm ({stats['grad_norm']}) at iter {iter_num}; "
+             f"{result_path} holds the evaluations so far and no checkpoint was written")
+    iter_num += 1
+    progress.update(1)
+    if master and (iter_num % log_interval == 0 or iter_num == max_iters):
+        elapsed = time.time() - last_time
+        record = {'iter': iter_num, 'tokens': iter_num * tokens_per_iter, 'lr': lr, **stats,
+                  'tokens_per_s': (iter_num - last_iter) * tokens_per_iter / elapsed}
+        log(record)
+        progress.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        last_time, last_iter = time.time(), iter_num
+progress.close()
+
+# save ----------------------------------------------------------------------------
+if master:
+    # config carries data_root/dataset as pretrain.py's does, so tools that look up a base checkpoint's pretraining
+    # data (evaluate.py, a further finetune.py) find it in this one too
+    data_root, dataset = os.path.split(os.path.normpath(pretrain_data))
+    saved_config = {**config, 'data_root': data_root, 'dataset': dataset}
+    save_checkpoint({
+        'model': raw_model.state_dict(), 'model_args': model_args, 'iter_num': iter_num,
+        'tokens': iter_num * tokens_per_iter, 'config': saved_config, 'dataset': dataset,
+        'data_fingerprint': meta.get('fingerprint'), 'tokenizer': meta['tokenizer'], 'code_version': git_commit,
+        'finetune': {'task': task, 'source': source, 'init_from': init_from, 'result': result['final']},
+    }, ckpt_path)
+if ddp:  # wait for rank 0's checkpoint: a rank tearing gloo down first can abort (SIGABRT) the other
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
