@@ -31,9 +31,9 @@ def fail(message, code=2):
 
 
 def config_defaults(namespace):
-    """The config-like variables of a script's globals(): everything a user may override."""
+    """The config-like variables of a script's globals(): everything a user may override (not UPPER_CASE constants)."""
     return {k: v for k, v in namespace.items()
-            if not k.startswith('_') and type(v) in CONFIG_TYPES}
+            if not k.startswith('_') and not k.isupper() and type(v) in CONFIG_TYPES}  # UPPER_CASE = constants
 
 
 def _parse_value(text):

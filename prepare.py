@@ -54,8 +54,14 @@ check(seed >= 0, f"seed must be >= 0, got {seed}")
 check(not source.startswith('hf:') or max_docs > 0 or max_tokens > 0,
       f"source {source} is streamed from the hub: set --max_tokens (or --max_docs) to say how much to read")
 out_dir = os.path.join(data_root, dataset)
-check(overwrite or not os.path.exists(os.path.join(out_dir, 'meta.json')),
-      f"{out_dir} already holds a prepared dataset; pass --overwrite=True to replace it")
+settings = json.loads(json.dumps({k: v for k, v in config.items() if k != 'overwrite'}))  # as meta.json holds them
+if os.path.exists(os.path.join(out_dir, 'meta.json')) and not overwrite:
+    with open(os.path.join(out_dir, 'meta.json')) as f:
+        prepared_with = json.load(f).get('config')
+    if prepared_with == settings:  # rerunning a setup script is not an error
+        print(f"{out_dir} is already prepared with these settings; nothing to do")
+        sys.exit(0)
+    fail(f"{out_dir} already holds a dataset prepared with other settings; pass --overwrite=True to replace it")
 t0 = time.time()
 
 
@@ -180,7 +186,7 @@ meta = {'dataset': dataset, 'source': source, 'vocab_size': enc.n_vocab, 'dtype'
         'tokenizer': {'name': tok_name, 'file': tok_file, 'pat_str': enc._pat_str,
                       'special_tokens': dict(enc._special_tokens), 'hash': tok_hash},
         'fingerprint': fingerprint.hexdigest()[:16], 'created': datetime.now(timezone.utc).isoformat(timespec='seconds'),
-        'config': config}
+        'config': settings}
 write_json(meta, meta_path)
 print(f"{out_dir}: {counts['train_docs']:,} train docs / {counts['train_tokens']:,} tokens, "
       f"{counts['val_docs']:,} val docs / {counts['val_tokens']:,} tokens, vocab {enc.n_vocab} ({meta['dtype']}, "

@@ -155,6 +155,10 @@ def test_overwrite(wiki, tmp_path):
     before = {f: open(os.path.join(wiki, f), 'rb').read() for f in os.listdir(wiki)}
     assert_fails(prepare(f'--data_root={os.path.dirname(wiki)}', '--max_docs=50'), '--overwrite=True')
     assert {f: open(os.path.join(wiki, f), 'rb').read() for f in os.listdir(wiki)} == before
+    # the same settings again: nothing to do, exit 0, files untouched (a rerun setup script must not fail)
+    again = prepare(f'--data_root={os.path.dirname(wiki)}', '--max_docs=300', '--vocab_size=512')
+    assert again.returncode == 0 and 'nothing to do' in again.stdout, again.stderr
+    assert {f: open(os.path.join(wiki, f), 'rb').read() for f in os.listdir(wiki)} == before
     # with --overwrite=True the data is replaced
     copy = tmp_path / 'wiki_en'
     shutil.copytree(wiki, copy)
