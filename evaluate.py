@@ -32,7 +32,6 @@ import os
 import sys
 import time
 
-import torch
 
 from checkpoint import load_checkpoint, load_model, write_json
 from config import check, check_choice, config_defaults, fail, load_config

@@ -40,7 +40,7 @@ from config import check, check_choice, config_defaults, fail, load_config
 from data import load_meta, load_tokenizer, open_tokens, sample_chunks, tokenizer_id, val_batch
 from model import GPT, GPTConfig
 from tasks import task_tensors
-from training import autocast_context, estimate_loss, lr_at, resolve_dtype, setup_device, train_step
+from training import estimate_loss, lr_at, setup_run, train_step
 
 # -----------------------------------------------------------------------------
 # defaults: the paper's small-model SFT recipe on one process; configs/sft/ override them
@@ -89,14 +89,8 @@ check(block_size >= 0, f"block_size must be >= 0 (0 = the base model's), got {bl
 check(0 <= warmup_fraction < 1 and 0 <= min_lr_ratio <= 1, "need 0 <= warmup_fraction < 1 and 0 <= min_lr_ratio <= 1")
 check(learning_rate > 0 and weight_decay >= 0 and grad_clip >= 0, "learning_rate must be > 0, weight_decay and grad_clip >= 0")
 
-ddp, rank, world_size, device = setup_device(device)
+ddp, rank, world_size, device, local_accum, dtype, autocast = setup_run(device, dtype, gradient_accumulation_steps, seed)
 master = rank == 0
-check(gradient_accumulation_steps % world_size == 0,
-      f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be divisible by the number of processes ({world_size})")
-local_accum = gradient_accumulation_steps // world_size
-dtype = resolve_dtype(dtype, device)
-autocast = autocast_context(device, dtype)
-torch.manual_seed(seed + rank)
 ckpt_path, result_path, log_path = (os.path.join(out_dir, f) for f in ('ckpt.pt', 'result.json', 'log.jsonl'))
 check(os.path.abspath(init_from) != os.path.abspath(ckpt_path), f"init_from is {ckpt_path} itself; pick another out_dir")
 for path in (result_path, ckpt_path):

@@ -9,7 +9,6 @@ OLMo-2 (to load OLMo-2-1B): the same blocks with qk_norm=True (RMSNorm over the
 full query and key projections) and norm_position='post' ("reordered" norm:
 x = x + norm(attn(x)) instead of x = x + attn(norm(x))), rope_theta=500000.
 """
-import math
 from dataclasses import dataclass
 
 import torch

@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import fields
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -25,7 +25,7 @@ from config import check, check_choice, config_defaults, fail, load_config
 from data import load_meta, open_tokens, tokenizer_id, train_batch, val_batch
 from model import GPT, GPTConfig
 from sam import SAM
-from training import autocast_context, estimate_loss, lr_at, resolve_dtype, setup_device, train_step
+from training import estimate_loss, lr_at, setup_run, train_step
 
 # -----------------------------------------------------------------------------
 # defaults: the paper's 60M AdamW recipe on one process; configs/ override them
@@ -102,14 +102,8 @@ for key in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_int
 check(n_embd % n_head == 0 and (n_embd // n_head) % 2 == 0, f"n_embd ({n_embd}) / n_head ({n_head}) must be an even integer")
 check(learning_rate > 0 and weight_decay >= 0 and grad_clip >= 0, "learning_rate must be > 0, weight_decay and grad_clip >= 0")
 
-ddp, rank, world_size, device = setup_device(device)
+ddp, rank, world_size, device, local_accum, dtype, autocast = setup_run(device, dtype, gradient_accumulation_steps, seed)
 master = rank == 0
-check(gradient_accumulation_steps % world_size == 0,
-      f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be divisible by the number of processes ({world_size})")
-local_accum = gradient_accumulation_steps // world_size
-dtype = resolve_dtype(dtype, device)
-autocast = autocast_context(device, dtype)
-torch.manual_seed(seed + rank)
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 log_path = os.path.join(out_dir, 'log.jsonl')

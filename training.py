@@ -10,7 +10,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from config import fail
+from config import check, fail
 
 
 def setup_device(device):
@@ -28,6 +28,17 @@ def setup_device(device):
         torch.cuda.set_device(device)
     dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
     return True, rank, world_size, device
+
+
+def setup_run(device, dtype, gradient_accumulation_steps, seed):
+    """The start every training script shares: device (and DDP), micro-steps per process, precision, seeding.
+    Returns (ddp, rank, world_size, device, local_accum, dtype, autocast)."""
+    ddp, rank, world_size, device = setup_device(device)
+    check(gradient_accumulation_steps % world_size == 0, f"gradient_accumulation_steps ({gradient_accumulation_steps}) "
+          f"must be divisible by the number of processes ({world_size})")
+    dtype = resolve_dtype(dtype, device)
+    torch.manual_seed(seed + rank)
+    return ddp, rank, world_size, device, gradient_accumulation_steps // world_size, dtype, autocast_context(device, dtype)
 
 
 def autocast_context(device, dtype):
