@@ -1,9 +1,10 @@
-"""Shared fixtures: one small prepared dataset for the whole session."""
+"""Shared fixtures: one small prepared dataset and tiny checkpoints for the session, one-thread mode for modules."""
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,3 +57,13 @@ def run_script():
             sys.argv, sys.path[:] = saved_argv, saved_path
         return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
     return run
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """Tiny models run far faster on one thread of the 2-core CI machine (two oversubscribe it, 5-10x slower);
+    for the modules that ask for it, like the subprocesses' OMP_NUM_THREADS=1."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,15 +24,7 @@ from sharpness import (batches_loss, hessian_trace, hvp, noise_proxy, rademacher
 
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
 
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """These tiny models run far faster on one thread of the 2-core CI machine (two oversubscribe it, 5-10x slower);
-    set for this module only, as the subprocesses' OMP_NUM_THREADS=1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def tiny_gpt(seed=0, init_std=0.5):

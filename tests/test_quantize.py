@@ -20,15 +20,7 @@ import bitsandbytes.functional as bnbF  # noqa: E402
 
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
 
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """These tiny models run far faster on one thread of the 2-core CI machine (two oversubscribe it, 5-10x slower);
-    set for this module only, as the subprocesses' OMP_NUM_THREADS=1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 LINEARS = ['attn.q_proj', 'attn.k_proj', 'attn.v_proj', 'attn.o_proj', 'mlp.gate_proj', 'mlp.up_proj', 'mlp.down_proj']
 
 
