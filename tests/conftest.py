@@ -67,3 +67,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_script():
+    """run(script, *args): the script in a fresh interpreter (one thread), for checks that in-process runs can't make."""
+    def run(script, *args):
+        return subprocess.run([sys.executable, os.path.join(REPO, script), *args], capture_output=True, text=True,
+                              cwd=REPO, env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=120)
+    return run

@@ -234,9 +234,6 @@ def test_bad_input(run_script, tiny_ckpt, tmp_path, name):
     check_bad(run_script, tiny_ckpt, tmp_path, name)
 
 
-def test_bad_input_fresh_interpreter(tiny_ckpt, tmp_path):
+def test_bad_input_fresh_interpreter(fresh_script, tiny_ckpt, tmp_path):
     # a real start (bitsandbytes imported, the checkpoint loaded): its error is still the only line on stderr
-    def run(script, *args):
-        return subprocess.run([sys.executable, os.path.join(REPO, script), *args], capture_output=True, text=True,
-                              cwd=REPO, env=ENV, timeout=120)
-    check_bad(run, tiny_ckpt, tmp_path, 'already_quantized')
+    check_bad(fresh_script, tiny_ckpt, tmp_path, 'already_quantized')
