@@ -1,13 +1,17 @@
 """
 Crash-safe files: every output is written to a temporary file in the same
 directory, flushed to disk, then renamed over the target, so a killed run leaves
-either the old file or the new one, never half of one.
+either the old file or the new one, never half of one. A write that fails (a full
+disk, an unwritable directory) stops the script with one line and leaves the target
+as it was.
 """
 import contextlib
+import glob
 import json
 import os
 import subprocess
 import tempfile
+import time
 
 import torch
 
@@ -19,21 +23,77 @@ CHECKPOINT_FORMAT = 1
 @contextlib.contextmanager
 def atomic_path(path):
     """Yields a temporary path beside `path`; on success it replaces `path` in one rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; outputs should get the usual permissions
+    directory, tmp = os.path.dirname(os.path.abspath(path)), None
     try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+        os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; outputs should get the usual permissions
         yield tmp
         with open(tmp, 'rb+') as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # the body only writes: a full disk, a directory that is a file or read-only, ...
+        fail(f"could not write {path} ({e.strerror or e})")
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temp_files(directory, names):
+    """Remove the temporary files that a killed run left beside its outputs `names` (atomic_path's '.<name>.*.tmp').
+    Nothing ever reads them; this only frees the space (a checkpoint's can be gigabytes)."""
+    for name in names:
+        for path in glob.glob(os.path.join(glob.escape(directory), f'.{glob.escape(name)}.*.tmp')):
+            os.remove(path)
+
+
+def append_jsonl(path, record):
+    """One JSON line appended to a log. A kill can cut the last line short: truncate_log drops such a line."""
+    try:
+        with open(path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+    except OSError as e:
+        fail(f"could not write {path} ({e.strerror or e})")
+
+
+def truncate_log(path, iter_num):
+    """Rewrite a JSONL log keeping only the records of iterations <= iter_num (on resume: drop what a killed run
+    logged after its checkpoint, and a line cut short; iter_num=-1 starts an empty log)."""
+    kept = []
+    if iter_num >= 0 and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line).get('iter', 0) <= iter_num:
+                        kept.append(line)
+                except (ValueError, AttributeError):  # a line cut short by a kill mid-write
+                    pass
+    with atomic_path(path) as tmp, open(tmp, 'w') as f:
+        f.writelines(kept)
+
+
+_saves = 0  # checkpoints written by this process, for fault_hook
+
+
+def fault_hook(event, n):
+    """Fault injection for tests/test_reliability.py; does nothing unless FLATMIN_TEST_HOOK is set. With
+    FLATMIN_TEST_HOOK=<event>:<n>:<path>, event number n writes this process's pid to <path> and then sleeps until the
+    test kills it (SIGKILL at an exact point). Events: 'iter' (a training loop about to run iteration n) and 'save'
+    (the n-th checkpoint this process writes: torch.save has returned, the temporary file is not yet closed or
+    renamed). Under DDP only the rank FLATMIN_TEST_HOOK_RANK (default: every rank) stops."""
+    spec = os.environ.get('FLATMIN_TEST_HOOK')
+    if not spec or os.environ.get('FLATMIN_TEST_HOOK_RANK', os.environ.get('RANK')) != os.environ.get('RANK'):
+        return
+    want, at, marker = spec.split(':', 2)
+    if (want, int(at)) == (event, n):
+        with open(marker + '.tmp', 'w') as f:
+            f.write(str(os.getpid()))
+        os.replace(marker + '.tmp', marker)  # the test never reads half a pid
+        while True:
+            time.sleep(60)
 
 
 def write_json(obj, path):
@@ -52,9 +112,16 @@ def code_version():
 
 
 def save_checkpoint(checkpoint, path):
+    global _saves
     checkpoint = {'format_version': CHECKPOINT_FORMAT, **checkpoint}
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
+    _saves += 1
+    # through a Python file: a full disk is then an OSError (torch.save(path) reports it as an opaque RuntimeError)
+    with atomic_path(path) as tmp, open(tmp, 'wb') as f:
+        try:
+            torch.save(checkpoint, f)
+        except RuntimeError as e:
+            raise OSError(f"torch.save failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        fault_hook('save', _saves)
 
 
 def load_checkpoint(path, map_location='cpu'):
@@ -65,20 +132,26 @@ def load_checkpoint(path, map_location='cpu'):
         checkpoint = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # truncated zip, wrong file type, ...
         fail(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'})")
-    if not isinstance(checkpoint, dict) or 'model' not in checkpoint or 'model_args' not in checkpoint:
+    if not isinstance(checkpoint, dict) or 'model' not in checkpoint or type(checkpoint.get('model_args')) is not dict:
         fail(f"{path} is not a checkpoint written by this repository (no 'model'/'model_args')")
-    if checkpoint.get('format_version', 0) > CHECKPOINT_FORMAT:
-        fail(f"{path} has checkpoint format {checkpoint['format_version']}; this code reads up to {CHECKPOINT_FORMAT}")
+    if checkpoint.get('format_version') != CHECKPOINT_FORMAT:  # a newer one needs newer code; an older one a converter
+        fail(f"{path} has checkpoint format {checkpoint.get('format_version', 'none')}; this code reads format "
+             f"{CHECKPOINT_FORMAT} only")
     return checkpoint
+
+
+def build_model(model_args, state_dict, path):
+    """GPT(model_args) holding state_dict (from checkpoint `path`); one line if they do not fit this code's model."""
+    from model import GPT, GPTConfig  # here, not at the top: data-only scripts need not import the model
+    try:
+        model = GPT(GPTConfig(**model_args))
+        model.load_state_dict(state_dict)
+    except (TypeError, RuntimeError) as e:
+        fail(f"checkpoint {path} does not match this code's model ({str(e).splitlines()[0]})")
+    return model
 
 
 def load_model(path, device='cpu'):
     """(model in eval mode on device, checkpoint dict) for any checkpoint of ours; one line if it does not fit."""
-    from model import GPT, GPTConfig  # here, not at the top: data-only scripts need not import the model
     checkpoint = load_checkpoint(path, map_location=device)
-    try:
-        model = GPT(GPTConfig(**checkpoint['model_args']))
-        model.load_state_dict(checkpoint['model'])
-    except (TypeError, RuntimeError) as e:
-        fail(f"checkpoint {path} does not match this code's model ({str(e).splitlines()[0]})")
-    return model.to(device).eval(), checkpoint
+    return build_model(checkpoint['model_args'], checkpoint['model'], path).to(device).eval(), checkpoint

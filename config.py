@@ -26,6 +26,9 @@ class ConfigError(Exception):
 
 def fail(message, code=2):
     """One clear line on stderr, then a non-zero exit: how every script reports bad input."""
+    if 'tqdm' in sys.modules:  # a failure mid-run (a full disk): end the progress bar's line, so the error has its own
+        for bar in list(sys.modules['tqdm'].tqdm._instances):
+            bar.close()
     print(f"{os.path.basename(sys.argv[0]) or 'python'}: error: {message}", file=sys.stderr)
     sys.exit(code)
 

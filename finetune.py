@@ -2,6 +2,7 @@
 Supervised fine-tuning (SFT) of a base checkpoint, measuring learning and forgetting.
 
     python finetune.py configs/sft/gsm8k.py --init_from=out/cpu_sam/ckpt.pt --learning_rate=3e-4
+    python finetune.py configs/sft/gsm8k.py --init_from=resume --learning_rate=3e-4   # continue out_dir/ckpt.pt
     torchrun --standalone --nproc_per_node=8 finetune.py configs/sft/starcoder.py --init_from=out/sam_60m/ckpt.pt \
         --batch_size=8 --block_size=1024 --max_tokens=10000000 --device=cuda   # the paper's setting (see configs/sft/)
 
@@ -18,14 +19,18 @@ At iteration 0 (the base model), every eval_interval and at the end it measures
 and rewrites out_dir/result.json atomically: {task, source, init_from, learning_rate, max_tokens, tokens_per_iter,
 max_iters, base: {ft_val_loss, pt_val_loss}, trajectory: [{iter, tokens, lr, ft_val_loss, pt_val_loss}],
 final: {ft_val_loss, pt_val_loss} (null until the run has finished), config}; lr is that of the last step taken.
-out_dir/log.jsonl has the training steps; out_dir/ckpt.pt (written at the end, in pretrain.py's format without the
-optimizer state) loads with checkpoint.load_model. A learning-rate sweep is one run per --learning_rate and out_dir.
+out_dir/log.jsonl has the training steps; out_dir/ckpt.pt (pretrain.py's format, loads with checkpoint.load_model) is
+written at every evaluation after iteration 0 with the AdamW state, the RNG state and result.json so far, and at the
+end without the optimizer state. A learning-rate sweep is one run per --learning_rate and out_dir.
 
 block_size defaults to the base model's context; another one is allowed (RoPE is recomputed for any length, and
 pretrain.py's mid-training allows the same), though contexts past the pretrained one are untrained positions.
-Resuming is not supported (a CPU run takes minutes): rerun with --overwrite=True.
+
+--init_from=resume continues out_dir/ckpt.pt exactly (the same weights, result.json and log as a run never stopped),
+given the run's own settings: it refuses a different task, data, learning rate, batch, ... (any key but out_dir, device,
+compile, log_interval, eval_interval and max_bad_steps) and different task data (fingerprint of the token tensors).
 """
-import json
+import hashlib
 import math
 import os
 import sys
@@ -35,17 +40,17 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import atomic_path, code_version, load_checkpoint, save_checkpoint, write_json
+from checkpoint import (append_jsonl, build_model, code_version, fault_hook, load_checkpoint, remove_stale_temp_files,
+                        save_checkpoint, truncate_log, write_json)
 from config import check, check_choice, config_defaults, fail, load_config
 from data import load_meta, load_tokenizer, open_tokens, sample_chunks, tokenizer_id, val_batch
-from model import GPT, GPTConfig
 from tasks import task_tensors
 from training import estimate_loss, lr_at, setup_run, train_step
 
 # -----------------------------------------------------------------------------
 # defaults: the paper's small-model SFT recipe on one process; configs/sft/ override them
 out_dir = 'out/finetune'
-init_from = ''  # required: the base model's checkpoint (pretrain.py's, or finetune.py's)
+init_from = ''  # required: the base model's checkpoint (pretrain.py's, or finetune.py's), or 'resume' (out_dir/ckpt.pt)
 overwrite = False  # allow replacing an existing out_dir/result.json and ckpt.pt
 # task (see tasks.py)
 task = 'gsm8k'  # gsm8k | stackmathqa | starcoder | musicpile | tulu | metamath | french | path of a .jsonl file
@@ -57,6 +62,7 @@ pretrain_data = ''  # prepared dataset directory; '' = the base checkpoint's dat
 eval_interval = 50
 eval_iters = 20  # pretraining validation batches of batch_size x block_size
 log_interval = 10
+max_bad_steps = 0  # bad steps (non-finite loss/gradient: no optimizer step) to skip before stopping; 0 = stop at once
 # batch: tokens per step = batch_size * gradient_accumulation_steps * block_size (all processes together)
 batch_size = 8  # per process, per micro-step
 block_size = 0  # 0 = the base model's context
@@ -80,8 +86,8 @@ config = load_config(config_defaults(globals()), sys.argv[1:])
 globals().update(config)
 check_choice(config, 'dtype', ('auto', 'bfloat16', 'float32'))
 check_choice(config, 'source', ('offline', 'hub'))
-check(init_from not in ('', 'scratch', 'resume'),
-      f"init_from must be the path of a base checkpoint (resume is not supported), got {init_from!r}")
+check(init_from not in ('', 'scratch'), f"init_from must be the path of a base checkpoint or 'resume', got {init_from!r}")
+check(max_bad_steps >= 0, f"max_bad_steps must be >= 0, got {max_bad_steps}")
 for key in ('max_tokens', 'val_tokens', 'batch_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters',
             'log_interval'):
     check(config[key] > 0, f"{key} must be positive, got {config[key]}")
@@ -92,20 +98,33 @@ check(learning_rate > 0 and weight_decay >= 0 and grad_clip >= 0, "learning_rate
 ddp, rank, world_size, device, local_accum, dtype, autocast = setup_run(device, dtype, gradient_accumulation_steps, seed)
 master = rank == 0
 ckpt_path, result_path, log_path = (os.path.join(out_dir, f) for f in ('ckpt.pt', 'result.json', 'log.jsonl'))
-check(os.path.abspath(init_from) != os.path.abspath(ckpt_path), f"init_from is {ckpt_path} itself; pick another out_dir")
-for path in (result_path, ckpt_path):
-    check(overwrite or not os.path.exists(path), f"{path} exists: pick another --out_dir or pass --overwrite=True")
+resume = init_from == 'resume'
+if resume:
+    check(os.path.exists(ckpt_path), f"nothing to resume: {ckpt_path} does not exist (a run writes it at its first "
+          f"evaluation after iteration 0); start over with --init_from=<base checkpoint> --overwrite=True")
+else:
+    check(os.path.abspath(init_from) != os.path.abspath(ckpt_path), f"init_from is {ckpt_path} itself; pick another out_dir")
+    for path in (result_path, ckpt_path):
+        check(overwrite or not os.path.exists(path), f"{path} exists: resume it with --init_from=resume, pick another "
+              f"--out_dir or pass --overwrite=True")
 
-# base model and its pretraining data ---------------------------------------------
-checkpoint = load_checkpoint(init_from, map_location=device)
+# base model (or the run to resume) and its pretraining data ----------------------
+source_path = ckpt_path if resume else init_from
+checkpoint = load_checkpoint(source_path, map_location=device)
+if resume:
+    check('finetune' in checkpoint and 'result' in checkpoint, f"resume: {ckpt_path} was not written by finetune.py "
+          f"(or by a version that could not resume)")
+    init_from = config['init_from'] = checkpoint['finetune']['init_from']  # the base model, as result.json names it
 base_config = checkpoint.get('config') or {}
 if not pretrain_data:
     check(base_config.get('dataset'), f"{init_from} does not name its pretraining data; pass --pretrain_data=<directory>")
     pretrain_data = os.path.join(base_config.get('data_root', 'data'), base_config['dataset'])
 meta = load_meta(pretrain_data)
 if tokenizer_id(checkpoint.get('tokenizer')) != tokenizer_id(meta['tokenizer']):
-    fail(f"{pretrain_data} is tokenized differently from the data {init_from} was trained on; "
+    fail(f"{pretrain_data} is tokenized differently from the data {source_path} was trained on; "
          f"forgetting must be measured on the base model's own pretraining data (--pretrain_data)")
+check(not resume or checkpoint.get('data_fingerprint') == meta.get('fingerprint'),
+      f"resume: {pretrain_data} is not the pretraining data {ckpt_path} measured forgetting on (fingerprint differs)")
 enc = load_tokenizer(meta)  # the base model's tokenizer, which the task is encoded with
 pt_val_tokens = open_tokens(pretrain_data, 'val', meta)
 model_args = dict(checkpoint['model_args'])
@@ -114,6 +133,11 @@ if master and block_size > model_args['block_size']:
     print(f"note: block_size {block_size} is longer than the base model's context ({model_args['block_size']})")
 model_args['block_size'] = block_size  # RoPE tables are built for it
 config.update(pretrain_data=pretrain_data, block_size=block_size)  # recorded as resolved
+if resume:  # a resumed run must be the run it continues: the same recipe, data and evaluation
+    for key in sorted(set(config) - {'out_dir', 'init_from', 'overwrite', 'device', 'compile', 'log_interval',
+                                     'eval_interval', 'max_bad_steps'}):
+        check(config[key] == checkpoint['config'].get(key), f"resume: {key}={config[key]!r} but {ckpt_path} was "
+              f"trained with {checkpoint['config'].get(key)!r}; resume with the run's own settings")
 check(meta['vocab_size'] <= model_args['vocab_size'],
       f"{pretrain_data}'s vocabulary ({meta['vocab_size']}) is larger than the model's vocab_size ({model_args['vocab_size']})")
 
@@ -130,6 +154,11 @@ max_iters = len(train_x) // (gradient_accumulation_steps * batch_size)  # one pa
 check(max_iters > 0, f"the training split of {task} holds {len(train_x)} sequences of {block_size} tokens, "
       f"less than one step of {gradient_accumulation_steps * batch_size}")
 warmup_iters = round(warmup_fraction * max_iters)
+task_bytes = b''.join(t.numpy().tobytes() for t in (train_x, train_mask, val_x, val_mask))
+task_fingerprint = hashlib.sha256(task_bytes).hexdigest()[:16]
+del task_bytes
+check(not resume or checkpoint.get('task_fingerprint') == task_fingerprint, f"resume: the {task} data ({source}) "
+      f"differs from the data {ckpt_path} was trained on (fingerprint differs; did the source change?)")
 
 
 def get_train_batch(it, micro_step):
@@ -149,12 +178,22 @@ def get_pt_val_batch(i):
 
 
 # model ---------------------------------------------------------------------------
-model = GPT(GPTConfig(**model_args))
-model.load_state_dict(checkpoint['model'])
-model.to(device)
-checkpoint = None  # free the memory
+model = build_model(model_args, checkpoint['model'], source_path).to(device)
 optimizer = torch.optim.AdamW(model.param_groups(weight_decay), lr=learning_rate, betas=(beta1, beta2), eps=eps,
                               foreach=True)
+result = {'task': task, 'source': source, 'init_from': init_from, 'learning_rate': learning_rate,
+          'max_tokens': max_tokens, 'tokens_per_iter': tokens_per_iter, 'max_iters': max_iters,
+          'base': None, 'trajectory': [], 'final': None, 'config': config}
+iter_num, lr, bad_steps = 0, 0.0, 0
+if resume:
+    iter_num, bad_steps = checkpoint['iter_num'], checkpoint['bad_steps']
+    result.update({k: checkpoint['result'][k] for k in ('base', 'trajectory', 'final')})
+    lr = result['trajectory'][-1]['lr']
+    torch.set_rng_state(checkpoint['rng_state'].cpu())  # map_location may have moved it to the GPU
+    if iter_num < max_iters:  # a finished run's checkpoint has no optimizer state, and needs none
+        optimizer.load_state_dict(checkpoint['optimizer'])
+start_iter = iter_num
+checkpoint = None  # free the memory
 raw_model = model
 if compile:
     model = torch.compile(model)
@@ -166,10 +205,6 @@ if master:
           f", {max_iters} steps of {tokens_per_iter:,} tokens, {world_size} process(es) on {device}, {dtype}")
     print(f"learning: {n_val_batches * batch_size * block_size:,} {task} validation tokens; forgetting: {eval_iters} "
           f"batches of {pretrain_data} val")
-
-result = {'task': task, 'source': source, 'init_from': init_from, 'learning_rate': learning_rate,
-          'max_tokens': max_tokens, 'tokens_per_iter': tokens_per_iter, 'max_iters': max_iters,
-          'base': None, 'trajectory': [], 'final': None, 'config': config}
 
 
 def evaluate(it, lr):
@@ -187,25 +222,42 @@ def evaluate(it, lr):
 
 
 def log(record):
-    with open(log_path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
+    append_jsonl(log_path, record)
+
+
+def save(final):
+    """The model and what resuming needs; the final checkpoint drops the optimizer state (it is only for resuming).
+    config carries data_root/dataset as pretrain.py's does, so tools that look up a base checkpoint's pretraining data
+    (evaluate.py, a further finetune.py) find it in this one too."""
+    data_root, dataset = os.path.split(os.path.normpath(pretrain_data))
+    save_checkpoint({
+        'model': raw_model.state_dict(), **({} if final else {'optimizer': optimizer.state_dict()}),
+        'model_args': model_args, 'iter_num': iter_num, 'tokens': iter_num * tokens_per_iter,
+        'config': {**config, 'data_root': data_root, 'dataset': dataset}, 'dataset': dataset,
+        'data_fingerprint': meta.get('fingerprint'), 'tokenizer': meta['tokenizer'], 'code_version': git_commit,
+        'task_fingerprint': task_fingerprint, 'rng_state': torch.get_rng_state(), 'bad_steps': bad_steps, 'result': result,
+        'finetune': {'task': task, 'source': source, 'init_from': init_from, 'result': result['final']},
+    }, ckpt_path)
 
 
 git_commit = code_version()
 if master:
-    os.makedirs(out_dir, exist_ok=True)
-    if overwrite and os.path.exists(ckpt_path):  # an old model must not sit beside the new run's results
+    if not resume and overwrite and os.path.exists(ckpt_path):  # an old model must not sit beside the new results
         os.remove(ckpt_path)
-    with atomic_path(log_path) as tmp:
-        open(tmp, 'w').close()
+    truncate_log(log_path, iter_num if resume else -1)  # on resume, drop what came after the checkpoint
+    remove_stale_temp_files(out_dir, ('ckpt.pt', 'result.json', 'log.jsonl'))  # a killed run's half-written files
+    if resume and iter_num == max_iters:
+        print(f"{ckpt_path} already finished {max_iters} iterations")
 
 # training loop -------------------------------------------------------------------
-progress = tqdm(total=max_iters, disable=not master, dynamic_ncols=True, desc=f'finetune {task}')
-iter_num, lr = 0, 0.0
-last_time, last_iter = time.time(), 0
+progress = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, desc=f'finetune {task}')
+last_time, last_iter = time.time(), iter_num
 while True:
-    if iter_num % eval_interval == 0 or iter_num == max_iters:
+    fault_hook('iter', iter_num)
+    if (iter_num % eval_interval == 0 or iter_num == max_iters) and not (resume and iter_num == start_iter):
         evaluate(iter_num, lr)
+        if master and iter_num > 0:
+            save(final=iter_num == max_iters)
     if iter_num == max_iters:
         break
     lr = lr_at(iter_num, learning_rate, max_iters, warmup_iters, 'cosine', min_lr_ratio=min_lr_ratio)
@@ -213,32 +265,24 @@ while True:
         group['lr'] = lr
     micro_batches = [get_train_batch(iter_num, rank * local_accum + m) for m in range(local_accum)]
     stats = train_step(model, optimizer, micro_batches, autocast, grad_clip)
-    if not (math.isfinite(stats['loss']) and math.isfinite(stats['grad_norm'])):
-        fail(f"non-finite loss ({stats['loss']}) or gradient norm ({stats['grad_norm']}) at iter {iter_num}; "
-             f"{result_path} holds the evaluations so far and no checkpoint was written")
+    bad = not (math.isfinite(stats['loss']) and math.isfinite(stats['grad_norm']))  # train_step did not step
+    bad_steps += bad
+    if master and bad and bad_steps <= max_bad_steps:
+        progress.write(f"iter {iter_num}: non-finite loss or gradient norm; step skipped ({bad_steps} of max_bad_steps)")
     iter_num += 1
     progress.update(1)
-    if master and (iter_num % log_interval == 0 or iter_num == max_iters):
+    if master and (iter_num % log_interval == 0 or iter_num == max_iters or bad):
         elapsed = time.time() - last_time
         record = {'iter': iter_num, 'tokens': iter_num * tokens_per_iter, 'lr': lr, **stats,
-                  'tokens_per_s': (iter_num - last_iter) * tokens_per_iter / elapsed}
+                  'tokens_per_s': (iter_num - last_iter) * tokens_per_iter / elapsed,
+                  **({'bad_step': True, 'bad_steps': bad_steps} if bad else {})}
         log(record)
         progress.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         last_time, last_iter = time.time(), iter_num
+    check(bad_steps <= max_bad_steps, f"non-finite loss ({stats['loss']}) or gradient norm ({stats['grad_norm']}) at "
+          f"iter {iter_num - 1} (bad step {bad_steps}, max_bad_steps={max_bad_steps}); the optimizer did not step; "
+          f"{result_path} and the last checkpoint ({ckpt_path}, if any) are kept")
 progress.close()
-
-# save ----------------------------------------------------------------------------
-if master:
-    # config carries data_root/dataset as pretrain.py's does, so tools that look up a base checkpoint's pretraining
-    # data (evaluate.py, a further finetune.py) find it in this one too
-    data_root, dataset = os.path.split(os.path.normpath(pretrain_data))
-    saved_config = {**config, 'data_root': data_root, 'dataset': dataset}
-    save_checkpoint({
-        'model': raw_model.state_dict(), 'model_args': model_args, 'iter_num': iter_num,
-        'tokens': iter_num * tokens_per_iter, 'config': saved_config, 'dataset': dataset,
-        'data_fingerprint': meta.get('fingerprint'), 'tokenizer': meta['tokenizer'], 'code_version': git_commit,
-        'finetune': {'task': task, 'source': source, 'init_from': init_from, 'result': result['final']},
-    }, ckpt_path)
 if ddp:  # wait for rank 0's checkpoint: a rank tearing gloo down first can abort (SIGABRT) the other
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()

@@ -9,7 +9,6 @@ init_from: 'scratch' starts a new model; 'resume' continues out_dir/ckpt.pt exac
 (weights, optimizer, schedule and data position); a checkpoint path starts a new run
 from that run's weights (mid-training: new schedule, optimizer and/or SAM).
 """
-import json
 import math
 import os
 import sys
@@ -20,7 +19,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import atomic_path, code_version, load_checkpoint, save_checkpoint
+from checkpoint import (append_jsonl, build_model, code_version, fault_hook, load_checkpoint, remove_stale_temp_files,
+                        save_checkpoint, truncate_log)
 from config import check, check_choice, config_defaults, fail, load_config
 from data import load_meta, open_tokens, tokenizer_id, train_batch, val_batch
 from model import GPT, GPTConfig
@@ -41,6 +41,7 @@ eval_interval = 500
 eval_iters = 20
 log_interval = 10
 stop_at_iter = -1  # stop (with a checkpoint) here while scheduling for max_iters; -1 = run to the end
+max_bad_steps = 0  # bad steps (non-finite loss/gradient: no optimizer step) to skip before stopping; 0 = stop at once
 # batch: tokens per step = batch_size * gradient_accumulation_steps * block_size (all processes together)
 batch_size = 32  # per process, per micro-step
 block_size = 1024
@@ -101,6 +102,7 @@ for key in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_int
     check(config[key] > 0, f"{key} must be positive, got {config[key]}")
 check(n_embd % n_head == 0 and (n_embd // n_head) % 2 == 0, f"n_embd ({n_embd}) / n_head ({n_head}) must be an even integer")
 check(learning_rate > 0 and weight_decay >= 0 and grad_clip >= 0, "learning_rate must be > 0, weight_decay and grad_clip >= 0")
+check(max_bad_steps >= 0, f"max_bad_steps must be >= 0, got {max_bad_steps}")
 
 ddp, rank, world_size, device, local_accum, dtype, autocast = setup_run(device, dtype, gradient_accumulation_steps, seed)
 master = rank == 0
@@ -134,36 +136,41 @@ if init_from == 'scratch':
     model_args = {k: config[k] for k in model_keys}
     model_args['vocab_size'] = vocab_size or -(-meta['vocab_size'] // 128) * 128
 else:
-    checkpoint = load_checkpoint(ckpt_path if init_from == 'resume' else init_from, map_location=device)
+    source_path = ckpt_path if init_from == 'resume' else init_from
+    checkpoint = load_checkpoint(source_path, map_location=device)
     model_args = dict(checkpoint['model_args'], block_size=block_size)  # the shape comes from the checkpoint
     if init_from == 'resume':
         for k in model_keys:
-            if k != 'block_size' and config[k] != model_args[k] and not (k == 'vocab_size' and config[k] == 0):
-                fail(f"resume: config has {k}={config[k]!r} but the checkpoint was trained with {model_args[k]!r}")
-        if checkpoint.get('data_fingerprint') not in (None, meta.get('fingerprint')):
-            fail(f"resume: dataset {data_dir} is not the data this checkpoint was trained on (fingerprint differs)")
+            if k != 'block_size' and config[k] != model_args.get(k) and not (k == 'vocab_size' and config[k] == 0):
+                fail(f"resume: config has {k}={config[k]!r} but the checkpoint was trained with {model_args.get(k)!r}")
+        check('finetune' not in checkpoint, f"resume: {ckpt_path} was written by finetune.py; resume it with finetune.py")
     if tokenizer_id(checkpoint.get('tokenizer')) != tokenizer_id(meta['tokenizer']):
         fail(f"dataset {data_dir} is tokenized differently from the checkpoint's training data "
              f"(prepare it with --tokenizer=<the checkpoint's dataset directory>)")
+    if init_from == 'resume' and checkpoint.get('data_fingerprint') != meta.get('fingerprint'):
+        fail(f"resume: dataset {data_dir} is not the data {ckpt_path} was trained on ({checkpoint.get('dataset')!r}, "
+             f"fingerprint {checkpoint.get('data_fingerprint')} vs {meta.get('fingerprint')})")
 check(meta['vocab_size'] <= model_args['vocab_size'],
       f"dataset vocabulary ({meta['vocab_size']}) is larger than the model's vocab_size ({model_args['vocab_size']})")
-model = GPT(GPTConfig(**model_args))
-if checkpoint is not None:
-    model.load_state_dict(checkpoint['model'])
+model = GPT(GPTConfig(**model_args)) if checkpoint is None else build_model(model_args, checkpoint['model'], source_path)
 model.to(device)
 base_optimizer = torch.optim.AdamW(model.param_groups(weight_decay, decay_embeddings), lr=learning_rate,
                                    betas=(beta1, beta2), eps=eps, foreach=True)
-iter_num, best_val_loss = 0, math.inf
+iter_num, best_val_loss, bad_steps = 0, math.inf, 0
 if init_from == 'resume' or (checkpoint is not None and keep_optimizer_state):
+    check('optimizer' in checkpoint, f"{source_path} holds no optimizer state (a quantized or fine-tuned model?); " +
+          ("start a new run from it with --init_from=<its path>" if init_from == 'resume' else
+           "use --keep_optimizer_state=False"))
     new_groups = [(len(g['params']), g['weight_decay']) for g in base_optimizer.param_groups]
     check([len(g['params']) for g in checkpoint['optimizer']['param_groups']] == [n for n, _ in new_groups],
-          f"the optimizer state in {ckpt_path if init_from == 'resume' else init_from} has other parameter groups "
+          f"the optimizer state in {source_path} has other parameter groups "
           f"(trained with another decay_embeddings?); match it, or use --keep_optimizer_state=False")
     base_optimizer.load_state_dict(checkpoint['optimizer'])
     for group, (_, wd) in zip(base_optimizer.param_groups, new_groups):  # the new run's hyperparameters win
         group.update(betas=(beta1, beta2), eps=eps, weight_decay=wd)
 if init_from == 'resume':
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+    bad_steps = checkpoint.get('bad_steps', 0)  # older checkpoints of format 1 lack it
     torch.set_rng_state(checkpoint['rng_state'].cpu())  # map_location may have moved it to the GPU
 start_iter = iter_num
 checkpoint = None  # free the memory
@@ -186,31 +193,20 @@ if master:
 def save():
     save_checkpoint({
         'model': raw_model.state_dict(), 'optimizer': base_optimizer.state_dict(), 'model_args': model_args,
-        'iter_num': iter_num, 'tokens': iter_num * tokens_per_iter, 'best_val_loss': best_val_loss,
+        'iter_num': iter_num, 'tokens': iter_num * tokens_per_iter, 'best_val_loss': best_val_loss, 'bad_steps': bad_steps,
         'config': config, 'rng_state': torch.get_rng_state(), 'data_fingerprint': meta.get('fingerprint'),
         'dataset': dataset, 'tokenizer': meta.get('tokenizer'), 'code_version': git_commit,
     }, ckpt_path)
 
 
 def log(record):
-    with open(log_path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
+    append_jsonl(log_path, record)
 
 
 git_commit = code_version()  # once: the code this run started with
 if master:
-    os.makedirs(out_dir, exist_ok=True)
-    kept = []
-    if init_from == 'resume' and os.path.exists(log_path):  # drop log lines from after the checkpoint
-        with open(log_path) as f:
-            for line in f:
-                try:
-                    if json.loads(line).get('iter', 0) <= iter_num:
-                        kept.append(line)
-                except ValueError:  # a line cut short by a kill mid-write
-                    pass
-    with atomic_path(log_path) as tmp, open(tmp, 'w') as f:
-        f.writelines(kept)
+    truncate_log(log_path, iter_num if init_from == 'resume' else -1)  # on resume, drop what came after the checkpoint
+    remove_stale_temp_files(out_dir, ('ckpt.pt', 'log.jsonl'))  # a killed run's half-written files
     if iter_num >= max_iters:
         print(f"{ckpt_path} already finished {max_iters} iterations")
 
@@ -218,6 +214,7 @@ if master:
 progress = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, desc='pretrain')
 last_time, last_iter = time.time(), iter_num
 while True:
+    fault_hook('iter', iter_num)
     stopping = iter_num >= max_iters or iter_num == stop_at_iter
     if (iter_num % eval_interval == 0 or stopping) and not (init_from == 'resume' and iter_num == start_iter):
         val_loss = estimate_loss(raw_model, get_val_batch, eval_iters, autocast, rank, world_size)
@@ -235,20 +232,25 @@ while True:
     use_sam = optimizer == 'sam' and sam_start_fraction * max_iters <= iter_num < sam_end_fraction * max_iters
     micro_batches = [get_train_batch(iter_num, rank * local_accum + m) for m in range(local_accum)]
     stats = train_step(model, base_optimizer, micro_batches, autocast, grad_clip, sam if use_sam else None, z_loss)
-    if not (math.isfinite(stats['loss']) and math.isfinite(stats['grad_norm'])):
-        fail(f"non-finite loss ({stats['loss']}) or gradient norm ({stats['grad_norm']}) at iter {iter_num}; "
-             f"the optimizer did not step and the last good checkpoint ({ckpt_path}) is kept")
+    bad = not (math.isfinite(stats['loss']) and math.isfinite(stats['grad_norm']))  # train_step did not step
+    bad_steps += bad
     if master and stats.get('sam_skipped'):
         progress.write(f"iter {iter_num}: SAM ascent gradient norm is {stats['ascent_grad_norm']}; perturbation skipped")
+    if master and bad and bad_steps <= max_bad_steps:
+        progress.write(f"iter {iter_num}: non-finite loss or gradient norm; step skipped ({bad_steps} of max_bad_steps)")
     iter_num += 1
     progress.update(1)
-    if master and (iter_num % log_interval == 0 or iter_num == max_iters):
+    if master and (iter_num % log_interval == 0 or iter_num == max_iters or bad or stats.get('sam_skipped')):
         elapsed = time.time() - last_time
         record = {'iter': iter_num, 'tokens': iter_num * tokens_per_iter, 'lr': lr, **stats,
-                  'tokens_per_s': (iter_num - last_iter) * tokens_per_iter / elapsed}
+                  'tokens_per_s': (iter_num - last_iter) * tokens_per_iter / elapsed,
+                  **({'bad_step': True, 'bad_steps': bad_steps} if bad else {})}
         log(record)
         progress.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         last_time, last_iter = time.time(), iter_num
+    check(bad_steps <= max_bad_steps, f"non-finite loss ({stats['loss']}) or gradient norm ({stats['grad_norm']}) at "
+          f"iter {iter_num - 1} (bad step {bad_steps}, max_bad_steps={max_bad_steps}); the optimizer did not step and "
+          f"the last good checkpoint ({ckpt_path}) is kept")
 progress.close()
 if ddp:  # wait for rank 0's last checkpoint: a rank tearing gloo down first can abort (SIGABRT) the other
     torch.distributed.barrier()

@@ -99,7 +99,8 @@ def train_step(model, optimizer, micro_batches, autocast, grad_clip, sam=None, z
     With sam: gradient at w over all micro-batches (local to the rank unless sam.sync_ascent),
     move to w + e, gradient there (all-reduced), back to w, clip, step. The returned dict has
     loss (at w), sam_loss (at w + e, SAM only), grad_norm (descent gradient, before clipping),
-    ascent_grad_norm (SAM only) and sam_skipped (True when a non-finite ascent norm skipped the move)."""
+    ascent_grad_norm (SAM only) and sam_skipped (True when a non-finite ascent norm skipped the move). A step whose
+    loss or grad_norm is not finite is a bad step: the optimizer does not step."""
     stats = {}
     if sam is not None:
         with sam.ascent_context(model):
@@ -112,11 +113,13 @@ def train_step(model, optimizer, micro_batches, autocast, grad_clip, sam=None, z
     else:
         stats['loss'] = _accumulate_gradients(model, micro_batches, autocast, z_loss)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-    stats['grad_norm'] = grad_norm.item()
-    if math.isfinite(stats['grad_norm']):  # never let a non-finite gradient into the optimizer state
+    stats['grad_norm'] = grad_norm
+    stats = {k: v.item() if torch.is_tensor(v) else v for k, v in stats.items()}
+    # a bad step (non-finite loss or gradient) never reaches the optimizer state. Under DDP the all-reduced gradient
+    # norm is the same on every rank, and a non-finite loss on any rank makes it non-finite, so all ranks agree
+    if math.isfinite(stats['loss']) and math.isfinite(stats['grad_norm']):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    stats = {k: v.item() if torch.is_tensor(v) else v for k, v in stats.items()}
     return stats
 
 

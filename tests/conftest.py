@@ -1,4 +1,5 @@
 """Shared fixtures: one small prepared dataset and tiny checkpoints for the session, one-thread mode for modules."""
+import json
 import os
 import subprocess
 import sys
@@ -76,3 +77,72 @@ def fresh_script():
         return subprocess.run([sys.executable, os.path.join(REPO, script), *args], capture_output=True, text=True,
                               cwd=REPO, env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=120)
     return run
+
+
+FORKSERVER = r"""
+import atexit, json, os, runpy, sys, traceback
+import numpy, tiktoken, torch, torch._dynamo, tqdm  # what makes a start slow, imported once (torch runs nothing here)
+for line in sys.stdin:
+    argv, cwd, stdout, stderr, env = json.loads(line)
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:  # the child becomes `python script ...`: its own stdout, stderr, environment and exit status
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        os.dup2(os.open(stdout, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 1)
+        os.dup2(os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+        sys.stdin = open(os.devnull)
+        os.environ.update(env)
+        os.chdir(cwd)
+        sys.argv, sys.path[0] = argv, os.path.dirname(os.path.abspath(argv[0]))
+        try:
+            runpy.run_path(argv[0], run_name='__main__')
+            code = 0
+        except SystemExit as e:  # as the interpreter reports it
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else print(e.code, file=sys.stderr) or 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        atexit._run_exitfuncs()  # then skip the module teardown, which is slow in a fork of a torch process
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    print(pid, flush=True)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)  # -9: killed by SIGKILL
+os._exit(0)
+"""
+
+
+@pytest.fixture(scope='session')
+def fork_script(tmp_path_factory):
+    """fork_script(script, *args, env={}) -> Forked: the script run as `python script args` (one thread) would run it,
+    but forked from a Python that has already imported torch, so a start takes well under a second instead of the
+    2-3 s of `import torch` and interpreter teardown. Forked.pid is the script's process (to kill it);
+    Forked.wait(timeout) its CompletedProcess (returncode -9 if SIGKILLed). One script at a time."""
+    import select
+    server = subprocess.Popen([sys.executable, '-c', FORKSERVER], cwd=REPO, env={**os.environ, 'OMP_NUM_THREADS': '1'},
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    logs = tmp_path_factory.mktemp('fork_logs')
+
+    def read_line(timeout, what):
+        if not select.select([server.stdout], [], [], timeout)[0]:
+            os.killpg(server.pid, 9)  # the server and the script
+            pytest.fail(f'{what} did not finish in {timeout} s')
+        line = server.stdout.readline()
+        assert line, f'the fork server died (exit status {server.poll()})'
+        return int(line)
+
+    class Forked:
+        def __init__(self, script, *args, env=None):
+            self.argv = [os.path.join(REPO, script), *map(str, args)]
+            self.out, self.err = str(logs / 'stdout'), str(logs / 'stderr')
+            server.stdin.write(json.dumps([self.argv, REPO, self.out, self.err, env or {}]) + '\n')
+            server.stdin.flush()
+            self.pid = read_line(60, 'the fork')
+
+        def wait(self, timeout=120):
+            code = read_line(timeout, ' '.join(self.argv))
+            with open(self.out) as f_out, open(self.err) as f_err:
+                return subprocess.CompletedProcess(self.argv, code, f_out.read(), f_err.read())
+    yield Forked
+    server.stdin.close()
+    server.wait(timeout=120)

@@ -5,7 +5,6 @@ Runs that several tests compare against (12 iterations straight through) are mad
 import json
 import math
 import os
-import select
 import shutil
 import subprocess
 import sys
@@ -126,61 +125,13 @@ def stopped(data_root, tmp_path_factory):
                        lambda out, *args: pretrain(data_root, out, *args, f'--stop_at_iter={STOP}'))
 
 
-FORKSERVER = r"""
-import atexit, json, os, runpy, sys, traceback
-import numpy, tiktoken, torch, torch._dynamo, tqdm  # what makes a start slow, imported once
-for line in sys.stdin:
-    argv, cwd, stdout, stderr = json.loads(line)
-    sys.stdout.flush()
-    pid = os.fork()
-    if pid == 0:  # the child becomes `python pretrain.py ...`: its own stdout, stderr and exit status
-        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-        os.dup2(os.open(stdout, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 1)
-        os.dup2(os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
-        sys.stdin = open(os.devnull)
-        os.chdir(cwd)
-        sys.argv, sys.path[0] = argv, os.path.dirname(os.path.abspath(argv[0]))
-        try:
-            runpy.run_path(argv[0], run_name='__main__')
-            code = 0
-        except SystemExit as e:  # as the interpreter reports it
-            code = e.code if isinstance(e.code, int) else 0 if e.code is None else print(e.code, file=sys.stderr) or 1
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        atexit._run_exitfuncs()  # then skip the module teardown, which is slow in a fork of a torch process
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
-os._exit(0)
-"""
-
-
 @pytest.fixture(scope='module')
-def fast_pretrain(data_root, tmp_path_factory):
-    """Like pretrain(), but forked from a Python that has already imported torch: a failing start takes well under a
-    second instead of the 2-3 s of `import torch` and interpreter teardown (test_bad_input_fresh_interpreter checks
-    one case in a real start)."""
-    server = subprocess.Popen([sys.executable, '-c', FORKSERVER], cwd=REPO, env=ENV, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, start_new_session=True)
-    logs = tmp_path_factory.mktemp('fork_logs')
-
+def fast_pretrain(data_root, fork_script):
+    """Like pretrain(), but forked from a Python that has already imported torch (conftest.fork_script): a failing start
+    takes well under a second (test_bad_input_fresh_interpreter checks one case in a real start)."""
     def fork_run(out_dir, *args):
-        out, err = str(logs / 'stdout'), str(logs / 'stderr')
-        argv = [PRETRAIN, f'--data_root={data_root}', f'--out_dir={out_dir}', *TINY, *map(str, args)]
-        server.stdin.write(json.dumps([argv, REPO, out, err]) + '\n')
-        server.stdin.flush()
-        if not select.select([server.stdout], [], [], TIMEOUT)[0]:
-            os.killpg(server.pid, 9)
-            pytest.fail(f'pretrain.py {" ".join(args)} did not finish in {TIMEOUT} s')
-        reply = server.stdout.readline()
-        assert reply, f'the fork server died (exit status {server.poll()})'
-        with open(out) as f_out, open(err) as f_err:
-            return subprocess.CompletedProcess(argv, int(reply), f_out.read(), f_err.read())
-    yield fork_run
-    server.stdin.close()
-    server.wait(timeout=TIMEOUT)
+        return fork_script('pretrain.py', f'--data_root={data_root}', f'--out_dir={out_dir}', *TINY, *args).wait(TIMEOUT)
+    return fork_run
 
 
 # 1. a run trains, checkpoints and logs ---------------------------------------------------------------------------
