@@ -1,0 +1,283 @@
+"""
+The whole learning-forgetting comparison in one command: pretrain the base models, fine-tune each on every task at a
+sweep of learning rates, quantize them, measure losses and sharpness, and write a report with plots.
+
+    python experiment.py                                     # the default CPU experiment (defaults below)
+    python experiment.py configs/experiments/smoke.py        # 1-minute end-to-end check
+    python experiment.py configs/experiments/cpu_seeds.py --jobs=2
+    python experiment.py configs/experiments/gpu_20m.py      # the paper's 20M grid on a GPU machine
+
+Every stage is one run of a stage script (prepare.py, pretrain.py, finetune.py, quantize.py, evaluate.py) with its
+own directory under out_dir holding its outputs, its console output (stage.log) and stage.json, written atomically
+when it succeeds. A stage's key hashes its command, the contents of the config files the command names (and those
+they import), and the keys of the stages it depends on. A rerun skips stages whose stage.json has the same key and
+redoes the others (a changed config redoes what depends on it); a pretraining run that was killed resumes from its
+last checkpoint. A failed stage is reported with its log; stages that do not need it go on; report.md marks what is
+missing. The report (report.py) is rewritten from the stage outputs at the end of every run.
+
+Hardware: on a CPU, `jobs` stages run at once, each with cpu_count / jobs threads. With several GPUs,
+multi_gpu='torchrun' runs pretraining and fine-tuning under torchrun on all of them (one stage at a time), and
+multi_gpu='spread' runs one stage per GPU.
+"""
+import ctypes
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from checkpoint import write_json
+from config import REPO_ROOT, check, check_choice, config_defaults, fail, load_config
+from report import write_report
+
+# -----------------------------------------------------------------------------
+# defaults: the default experiment, a CPU-scale comparison on the embedded offline data (under 20 minutes on 2 cores;
+# the README has the measured time). Not a paper setting: four base models of configs/cpu_small.py (262k parameters)
+# trained 1000 steps of 32 x 128 tokens (4.1M tokens, 2.3 epochs of wiki_en_1k, 16 tokens per parameter): the AdamW
+# baseline and the paper's three flatness interventions. Each is fine-tuned on the five tasks' offline stand-ins
+# (100k tokens) at four learning rates, quantized three ways, and its sharpness measured. One seed; for the spread
+# across seeds see configs/experiments/cpu_seeds.py.
+out_dir = 'out/experiment'
+data_root = 'data'
+dataset = 'wiki_en_1k'
+prepare_args = '--vocab_size=1024'  # prepare.py arguments (it is a no-op when the dataset is already prepared)
+# base models: name -> pretrain.py arguments (config files and --key=value); pretrain_args apply to all of them
+bases = {
+    'adamw': 'configs/cpu_small.py',
+    'sam': 'configs/cpu_small.py --optimizer=sam --sam_rho=0.05',
+    'large_lr': 'configs/cpu_small.py --learning_rate=1e-2',  # 3.3x the tuned 3e-3
+    'short_anneal': 'configs/cpu_small.py --lr_schedule=wsd --anneal_fraction=0.05',  # WSD: decay over the last 5%
+}
+pretrain_args = '--max_iters=1000 --eval_interval=250'
+baseline = 'adamw'  # the base model the others are compared with
+seeds = (1337,)  # one pretraining run per base model and seed (--seed: initialisation and data order)
+# fine-tuning: every base model x seed x task x learning rate
+tasks = ('gsm8k', 'stackmathqa', 'starcoder', 'musicpile', 'tulu')
+finetune_config = 'configs/sft/{task}.py'  # {task} is replaced by the task name
+learning_rates = (3e-4, 1e-3, 3e-3, 1e-2)
+task_learning_rates = {}  # {task: (lr, ...)} replaces learning_rates for that task
+# the base model's context and batch; 100k tokens = 24 steps; evaluated at the start and the end only
+finetune_args = '--block_size=0 --batch_size=32 --max_tokens=100000 --val_tokens=32768 --eval_iters=16 --eval_interval=1000'
+# quantization of every base model (quantize.py --method=...), and evaluate.py's measurements
+quantize_methods = ('nf4', 'fp4', 'int8')
+quantize_args = ''
+sharpness = 'noise,hessian,sam'  # evaluate.py --sharpness, on the base models
+evaluate_args = '--batch_size=32 --eval_iters=16'
+# hardware
+jobs = 2  # stages at once (CPU: each gets cpu_count // jobs threads); 0 = one per GPU if multi_gpu='spread', else 1
+multi_gpu = 'torchrun'  # several GPUs: 'torchrun' = pretrain/finetune on all of them | 'spread' = one stage per GPU
+dry_run = False  # print the stages and their state, run nothing
+# -----------------------------------------------------------------------------
+config = load_config(config_defaults(globals()), sys.argv[1:])
+globals().update(config)
+check(bool(bases) and all(isinstance(v, str) for v in bases.values()), "bases must map names to pretrain.py arguments")
+check(baseline in bases, f"baseline {baseline!r} is not one of the bases: {', '.join(bases)}")
+check(all(re.fullmatch(r'[\w.-]+', name) for name in bases), "base names may hold letters, digits, '_', '.', '-'")
+check(len(seeds) > 0 and all(type(s) is int for s in seeds), f"seeds must be a tuple of ints, got {seeds!r}")
+check(len(set(seeds)) == len(seeds), f"seeds repeat: {seeds!r}")
+check(all(t in tasks for t in task_learning_rates), "task_learning_rates names a task that is not in tasks")
+check(all(lr > 0 for t in tasks for lr in task_learning_rates.get(t, learning_rates)), "learning rates must be > 0")
+check(jobs >= 0, f"jobs must be >= 0, got {jobs}")
+check_choice(config, 'multi_gpu', ('torchrun', 'spread'))
+for method in quantize_methods:
+    check_choice({'quantize_methods': method}, 'quantize_methods', ('nf4', 'fp4', 'int8', 'rtn'))
+
+n_gpus = torch.cuda.device_count()
+if jobs == 0:
+    jobs = n_gpus if n_gpus > 1 and multi_gpu == 'spread' else 1
+torchrun_gpus = n_gpus if n_gpus > 1 and multi_gpu == 'torchrun' else 0
+threads = max(1, (os.cpu_count() or 1) // jobs)
+
+
+# the stages --------------------------------------------------------------------
+def config_files(args):
+    """Config files named in args and the configs they import (`from configs.x import *`), for the stage key."""
+    found, todo = [], [a for a in args if a.endswith('.py') and not a.startswith('--')]
+    while todo:
+        path = todo.pop()
+        full = path if os.path.isabs(path) else os.path.join(REPO_ROOT, path)
+        if full in found or not os.path.isfile(full):
+            continue
+        found.append(full)
+        with open(full) as f:
+            todo += [os.path.join(REPO_ROOT, *m.split('.')) + '.py' for m in re.findall(r'^from (configs[\w.]*) import',
+                                                                                          f.read(), re.M)]
+    return found
+
+
+stages = {}  # name -> {script, args, dir, product, deps, key, kind}
+
+
+def add_stage(name, kind, script, args, product, deps=()):
+    digest = hashlib.sha256(json.dumps([script, args, [stages[d]['key'] for d in deps]]).encode())
+    for path in config_files(args):
+        with open(path, 'rb') as f:
+            digest.update(f.read())
+    stage_dir = os.path.join(out_dir, name)
+    stages[name] = {'name': name, 'kind': kind, 'script': script, 'args': args, 'dir': stage_dir,
+                    'product': os.path.join(stage_dir, product), 'deps': list(deps), 'key': digest.hexdigest()[:16]}
+
+
+data_args = [f'--data_root={data_root}', f'--dataset={dataset}']
+add_stage('prepare', 'prepare', 'prepare.py', data_args + shlex.split(prepare_args), 'prepared.json')
+for base, base_args in bases.items():
+    for seed in seeds:
+        run = f'{base}_s{seed}'
+        pt_dir = os.path.join(out_dir, 'pretrain', run)
+        add_stage(f'pretrain/{run}', 'pretrain', 'pretrain.py',
+                  shlex.split(base_args) + shlex.split(pretrain_args) + data_args + [f'--seed={seed}', f'--out_dir={pt_dir}'],
+                  'ckpt.pt', ['prepare'])
+        base_ckpt = os.path.join(pt_dir, 'ckpt.pt')
+        for task in tasks:
+            for lr in task_learning_rates.get(task, learning_rates):
+                ft_dir = os.path.join(out_dir, 'finetune', run, f'{task}_lr{lr:g}')
+                add_stage(f'finetune/{run}/{task}_lr{lr:g}', 'finetune', 'finetune.py',
+                          [finetune_config.format(task=task), *shlex.split(finetune_args), f'--init_from={base_ckpt}',
+                           f'--learning_rate={lr}', f'--out_dir={ft_dir}', f'--pretrain_data={data_root}/{dataset}'],
+                          'result.json', [f'pretrain/{run}'])
+        quantized = []
+        for method in quantize_methods:
+            q_dir = os.path.join(out_dir, 'quantize', f'{run}_{method}')
+            add_stage(f'quantize/{run}_{method}', 'quantize', 'quantize.py',
+                      [f'--init_from={base_ckpt}', f'--method={method}', f'--out_dir={q_dir}', *shlex.split(quantize_args)],
+                      'ckpt.pt', [f'pretrain/{run}'])
+            quantized.append(os.path.join(q_dir, 'ckpt.pt'))
+        # the base model with its sharpness; the quantized ones (losses only) on the same batches
+        eval_common = [f'--pretrain_data={data_root}/{dataset}', *shlex.split(evaluate_args)]
+        add_stage(f'evaluate/{run}', 'evaluate', 'evaluate.py',
+                  [f'--checkpoints={base_ckpt}', f'--out={out_dir}/evaluate/{run}/eval.json', f'--sharpness={sharpness}',
+                   *eval_common], 'eval.json', [f'pretrain/{run}'])
+        if quantized:
+            add_stage(f'evaluate/{run}_quantized', 'evaluate', 'evaluate.py',
+                      [f"--checkpoints={','.join(quantized)}", f'--out={out_dir}/evaluate/{run}_quantized/eval.json',
+                       *eval_common], 'eval.json', [f'quantize/{run}_{m}' for m in quantize_methods])
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def state_of(stage):
+    marker = read_json(os.path.join(stage['dir'], 'stage.json')) or {}
+    if marker.get('key') == stage['key'] and marker.get('status') == 'done' and os.path.exists(stage['product']):
+        return 'done'
+    return 'changed' if marker.get('status') == 'done' else 'todo'
+
+
+def command(stage):
+    args = list(stage['args'])
+    marker = read_json(os.path.join(stage['dir'], 'stage.json')) or {}
+    if stage['kind'] == 'pretrain' and marker.get('key') == stage['key'] and os.path.exists(stage['product']):
+        args.append('--init_from=resume')  # the same run was interrupted: continue it exactly
+    elif stage['kind'] in ('pretrain', 'finetune', 'quantize'):
+        args.append('--overwrite=True')  # leftovers of a changed or failed run
+    launcher = [sys.executable]
+    if torchrun_gpus and stage['kind'] in ('pretrain', 'finetune'):
+        launcher += ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun_gpus}']
+    return launcher + [os.path.join(REPO_ROOT, stage['script'])] + args
+
+
+def shown(argv):
+    """The command as a user would type it in the repository (for stage.json and the report)."""
+    return shlex.join(['python' if a == sys.executable else os.path.relpath(a, REPO_ROOT) if a.startswith(REPO_ROOT + '/')
+                       else a for a in argv])
+
+
+def die_with_parent():
+    # a killed runner must not leave stage processes writing into out_dir behind it
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+# run -----------------------------------------------------------------------------
+os.makedirs(out_dir, exist_ok=True)
+lock = open(os.path.join(out_dir, '.lock'), 'w')
+try:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except OSError:
+    fail(f"another experiment.py is running in {out_dir}")
+
+states = {name: state_of(stage) for name, stage in stages.items()}
+todo = [name for name in stages if states[name] != 'done']
+print(f"experiment {out_dir}: {len(stages)} stages, {len(stages) - len(todo)} done, {len(todo)} to run "
+      f"({jobs} at a time" + (f", torchrun on {torchrun_gpus} GPUs" if torchrun_gpus else '') + ")")
+if dry_run:
+    for name in todo:
+        print(f"  [{states[name]}] {shown(command(stages[name]))}")
+    sys.exit(0)
+
+started = time.time()
+failed, running, free_slots = {}, {}, list(range(jobs))
+overall = tqdm(total=len(todo), desc='experiment', unit='stage', position=0, dynamic_ncols=True)
+progress_re = re.compile(rb'(\d+)/(\d+) \[')
+while todo or running:
+    # launch every stage whose dependencies are done, while slots are free
+    for name in list(todo):
+        stage = stages[name]
+        blocked = [d for d in stage['deps'] if d in failed]
+        if blocked:
+            todo.remove(name)
+            failed[name] = f"not run: {blocked[0]} failed"
+            overall.update(1)
+            continue
+        if not free_slots or any(states[d] != 'done' for d in stage['deps']):
+            continue
+        todo.remove(name)
+        slot = free_slots.pop(0)
+        os.makedirs(stage['dir'], exist_ok=True)
+        argv = command(stage)
+        write_json({'key': stage['key'], 'status': 'running', 'command': shown(argv)},
+                   os.path.join(stage['dir'], 'stage.json'))
+        env = {**os.environ, 'OMP_NUM_THREADS': str(threads)}
+        if jobs > 1 and n_gpus > 1:
+            env['CUDA_VISIBLE_DEVICES'] = str(slot % n_gpus)
+        log = open(os.path.join(stage['dir'], 'stage.log'), 'wb')
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env,
+                                   preexec_fn=die_with_parent)
+        bar = tqdm(total=1, desc=name, position=1 + slot, leave=False, dynamic_ncols=True, bar_format='{l_bar}{bar}| {n_fmt}/{total_fmt}')
+        running[name] = (process, log, slot, bar, time.time(), argv)
+    time.sleep(0.5)
+    for name, (process, log, slot, bar, t0, argv) in list(running.items()):
+        with open(log.name, 'rb') as f:  # the stage's own tqdm bar, as last printed into its log
+            f.seek(max(0, os.path.getsize(log.name) - 4096))
+            hits = progress_re.findall(f.read())
+        if hits:
+            bar.total, bar.n = int(hits[-1][1]), int(hits[-1][0])
+            bar.refresh()
+        if process.poll() is None:
+            continue
+        log.close()
+        bar.close()
+        free_slots.append(slot)
+        del running[name]
+        stage = stages[name]
+        if process.returncode == 0 and stage['kind'] == 'prepare':
+            write_json({'data_dir': f'{data_root}/{dataset}'}, stage['product'])  # prepare.py's own output is shared
+        ok = process.returncode == 0 and os.path.exists(stage['product'])
+        write_json({'key': stage['key'], 'status': 'done' if ok else 'failed', 'command': shown(argv),
+                    'returncode': process.returncode, 'wall_s': round(time.time() - t0, 2)},
+                   os.path.join(stage['dir'], 'stage.json'))
+        if ok:
+            states[name] = 'done'
+        else:
+            failed[name] = f"exit {process.returncode}, log {log.name}"
+            overall.write(f"FAILED {name}: exit {process.returncode}; see {log.name}")
+        overall.update(1)
+overall.close()
+
+report_path = write_report(out_dir, stages, config, wall_s=time.time() - started)
+print(f"{len(stages) - len(failed)}/{len(stages)} stages done in {time.time() - started:.0f} s; report: {report_path}")
+for name, why in failed.items():
+    print(f"  missing {name}: {why}", file=sys.stderr)
+sys.exit(1 if failed else 0)

@@ -1,0 +1,278 @@
+"""
+experiment.py's report: reads the stage outputs under an experiment's out_dir and writes report.md, results.json
+(every number in the report) and the figures frontiers.png and sharpness.png.
+
+The analysis is the paper's (analysis.py): per task and seed, the base models' frontiers are compared at matched
+fine-tuning loss; quantization forgetting is the pretraining-loss increase measured by evaluate.py on the same
+batches as the unquantized base. "% less forgetting" is computed per seed, then averaged; the spread is the sample
+standard deviation across seeds.
+
+Rerunning `python experiment.py <config>` when every stage is done only rewrites the report.
+"""
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+
+import numpy as np
+
+from analysis import matched_forgetting, percent_less_forgetting, quantization_forgetting
+from checkpoint import atomic_path, code_version, write_json
+
+SHARPNESS = {'hessian': ('top Hessian eigenvalue', lambda v: v['top_eigenvalue']),
+             'trace': ('Hessian trace', lambda v: v['trace']),
+             'sam': ('SAM sharpness', lambda v: v['sharpness']),
+             'noise': ('noise proxy: loss increase at sigma 0.02',
+                       lambda v: v['loss_increase'][int(np.argmin(np.abs(np.array(v['sigmas']) - 0.02)))])}
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def mean_std(values, fmt='.4f'):
+    """'mean ± std (n)' over the finite values; the std is the sample one (n - 1)."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return 'n/a'
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f'{format(np.mean(values), fmt)} ± {format(np.std(values, ddof=1), fmt)} (n={len(values)})'
+
+
+def percent_cell(values):
+    """The % less forgetting cell: mean ± std over seeds, then every seed's value."""
+    each = ', '.join('n/a' if v is None or not math.isfinite(v) else f'{v:.0f}' for v in values)
+    return f"{mean_std(values, '.1f')} [{each}]"
+
+
+def collect(out_dir, stages, config):
+    """Every number of the report, from the stage outputs that exist: {bases, sft, quantization}."""
+    bases, seeds = list(config['bases']), list(config['seeds'])
+    results = {'bases': {}, 'sft': {}, 'quantization': {}}
+    finetunes = {}  # (task, seed) -> base -> [(ft, pt)], base pt loss
+    for stage in stages.values():
+        if stage['kind'] != 'finetune':
+            continue
+        result = _read(stage['product'])
+        if not result or not result.get('final'):
+            continue
+        run = stage['name'].split('/')[1]
+        base, seed = run.rsplit('_s', 1)
+        entry = finetunes.setdefault((result['task'], int(seed)), {}).setdefault(base, {'points': [], 'base_pt': []})
+        entry['points'].append((result['final']['ft_val_loss'], result['final']['pt_val_loss']))
+        entry['base_pt'].append(result['base']['pt_val_loss'])
+    for base in bases:
+        for seed in seeds:
+            run = f'{base}_s{seed}'
+            evaluation = {**(_read(os.path.join(out_dir, 'evaluate', run, 'eval.json')) or {}),
+                          **(_read(os.path.join(out_dir, 'evaluate', f'{run}_quantized', 'eval.json')) or {})}
+            base_ckpt = os.path.join(out_dir, 'pretrain', run, 'ckpt.pt')
+            base_eval = evaluation.get(base_ckpt)
+            if base_eval is None:
+                continue
+            record = {'pt_val_loss': base_eval['pretrain_val_loss'], 'sharpness': {}, 'quantized': {}}
+            for measure, value in base_eval['sharpness'].items():
+                record['sharpness'][measure] = SHARPNESS[measure][1](value)
+            for method in config['quantize_methods']:
+                q_eval = evaluation.get(os.path.join(out_dir, 'quantize', f'{run}_{method}', 'ckpt.pt'))
+                if q_eval is not None:
+                    record['quantized'][method] = {
+                        'pt_val_loss': q_eval['pretrain_val_loss'],
+                        'forgetting': quantization_forgetting(base_eval['pretrain_val_loss'], q_eval['pretrain_val_loss'])}
+            results['bases'].setdefault(base, {})[str(seed)] = record
+    baseline = config['baseline']
+    for (task, seed), models in sorted(finetunes.items()):
+        finite = {b: m for b, m in models.items() if any(all(map(math.isfinite, p)) for p in m['points'])}
+        if baseline not in finite or len(finite) < 2:
+            continue
+        matched = matched_forgetting({b: m['points'] for b, m in finite.items()},
+                                     {b: float(np.mean(m['base_pt'])) for b, m in finite.items()})
+        f = matched['forgetting']
+        results['sft'].setdefault(task, {})[str(seed)] = {
+            'threshold': matched['threshold'], 'forgetting': f, 'pt_loss_at_threshold': matched['pt_loss_at_threshold'],
+            'percent_less': {b: percent_less_forgetting(f[baseline], f[b]) for b in f if b != baseline},
+            'points': {b: m['points'] for b, m in models.items()}, 'frontier': matched['frontier']}
+    for method in config['quantize_methods']:
+        for seed in seeds:
+            f = {b: results['bases'][b][str(seed)]['quantized'][method]['forgetting'] for b in bases
+                 if method in results['bases'].get(b, {}).get(str(seed), {}).get('quantized', {})}
+            if baseline in f:
+                results['quantization'].setdefault(method, {})[str(seed)] = {
+                    'forgetting': f, 'percent_less': {b: percent_less_forgetting(f[baseline], f[b]) for b in f if b != baseline}}
+    return results
+
+
+def plot_frontiers(results, config, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    tasks = [t for t in config['tasks'] if t in results['sft']]
+    if not tasks:
+        return False
+    colors = {b: f'C{i}' for i, b in enumerate(config['bases'])}
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for seed_index, (seed, res) in enumerate(sorted(results['sft'][task].items())):
+            for base, points in res['points'].items():
+                xs, ys = zip(*points)
+                label = base if seed_index == 0 else None
+                ax.scatter(xs, ys, s=12, color=colors[base], alpha=0.45, label=label)
+                if base in res['frontier']:
+                    fx, fy = zip(*res['frontier'][base])
+                    ax.plot(fx, fy, color=colors[base], lw=1.3, alpha=0.85)
+            ax.axvline(res['threshold'], color='grey', lw=0.6, ls=':')
+        ax.set_title(f'{task} ({len(results["sft"][task])} seeds)')
+        ax.set_xlabel('fine-tuning val loss (learning)')
+        ax.set_ylabel('pretraining val loss (forgetting)')
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format='png')
+    plt.close(fig)
+    return True
+
+
+def plot_sharpness(results, config, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    measures = [m for m in SHARPNESS if any(m in r['sharpness'] for runs in results['bases'].values() for r in runs.values())]
+    method = next((m for m in config['quantize_methods'] if m in results['quantization']), None)
+    if not measures:
+        return False
+    rows = [('mean SFT forgetting at matched loss', lambda base, seed: np.nanmean(
+        [results['sft'][t][seed]['forgetting'].get(base, np.nan) for t in results['sft'] if seed in results['sft'][t]]
+        or [np.nan]))]
+    if method:
+        rows.append((f'{method} quantization forgetting', lambda base, seed: results['bases'][base][seed]['quantized']
+                     .get(method, {}).get('forgetting', np.nan)))
+    fig, axes = plt.subplots(len(rows), len(measures), figsize=(4 * len(measures), 3.4 * len(rows)), squeeze=False)
+    for (ylabel, forgetting), ax_row in zip(rows, axes):
+        for measure, ax in zip(measures, ax_row):
+            for i, (base, runs) in enumerate(results['bases'].items()):
+                xs = [r['sharpness'].get(measure, np.nan) for r in runs.values()]
+                ys = [forgetting(base, seed) for seed in runs]
+                ax.scatter(xs, ys, color=f'C{list(config["bases"]).index(base)}', label=base, s=20)
+            ax.set_xlabel(SHARPNESS[measure][0])
+            ax.set_ylabel(ylabel)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format='png')
+    plt.close(fig)
+    return True
+
+
+def environment():
+    import torch
+    versions = {'python': platform.python_version(), 'torch': torch.__version__, 'numpy': np.__version__}
+    for name in ('bitsandbytes', 'transformers', 'matplotlib'):
+        try:  # from the installed metadata: importing bitsandbytes prints warnings on CPU-only machines
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = 'not installed'
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {'versions': versions, 'cpu': cpu, 'cpu_count': os.cpu_count(), 'gpus': gpus, 'code_version': code_version()}
+
+
+def write_report(out_dir, stages, config, wall_s=None):
+    results = collect(out_dir, stages, config)
+    markers = {name: _read(os.path.join(s['dir'], 'stage.json')) or {} for name, s in stages.items()}
+    env = environment()
+    baseline, others = config['baseline'], [b for b in config['bases'] if b != config['baseline']]
+    stage_seconds = {}
+    for name, stage in stages.items():
+        stage_seconds[stage['kind']] = stage_seconds.get(stage['kind'], 0) + markers[name].get('wall_s', 0)
+    results['environment'], results['stage_seconds'] = env, stage_seconds
+    has_frontiers = plot_frontiers(results, config, os.path.join(out_dir, 'frontiers.png'))
+    has_sharpness = plot_sharpness(results, config, os.path.join(out_dir, 'sharpness.png'))
+
+    lines = [f"# Learning-forgetting experiment: `{out_dir}`", '',
+             f"Report written {datetime.datetime.now().isoformat(timespec='seconds')} by "
+             f"`{shlex.join(['python'] + sys.argv)}`.", '',
+             f"- Hardware: {env['cpu']}, {env['cpu_count']} cores; GPUs: {', '.join(env['gpus']) or 'none'}",
+             '- Versions: ' + ', '.join(f'{k} {v}' for k, v in env['versions'].items()) + f"; code {env['code_version']}",
+             f"- Wall time: {wall_s:.0f} s for this invocation" if wall_s is not None else '- Wall time: n/a',
+             '- Stage time (sum over stages, all invocations; parallel stages overlap): ' +
+             ', '.join(f'{kind} {s:.0f} s' for kind, s in stage_seconds.items()),
+             f"- Base models: {', '.join(config['bases'])} (baseline {baseline}); seeds {list(config['seeds'])}; "
+             f"tasks {', '.join(config['tasks'])}; quantization {', '.join(config['quantize_methods'])}", '']
+    lines += ['## Base models', '', '| base | pretraining val loss | ' + ' | '.join(
+        SHARPNESS[m][0] for m in SHARPNESS if m in config['sharpness'].split(',')) + ' |',
+              '|---' * (2 + sum(m in config['sharpness'].split(',') for m in SHARPNESS)) + '|']
+    for base in config['bases']:
+        runs = results['bases'].get(base, {}).values()
+        cells = [mean_std([r['pt_val_loss'] for r in runs])]
+        cells += [mean_std([r['sharpness'].get(m) for r in runs], '.4g') for m in SHARPNESS
+                  if m in config['sharpness'].split(',')]
+        lines.append(f'| {base} | ' + ' | '.join(cells) + ' |')
+    lines += ['', 'Mean ± sample standard deviation over seeds; sharpness measured by evaluate.py on the base model.', '']
+
+    lines += ['## Forgetting after fine-tuning, at matched fine-tuning loss', '']
+    if has_frontiers:
+        lines += ['![learning-forgetting frontiers](frontiers.png)', '',
+                  'Each point is one fine-tuning run (one learning rate); lines are the frontiers (lower convex hulls), '
+                  'one per base model and seed; the dotted line is each seed\'s matched fine-tuning loss.', '']
+    lines += [f'% less forgetting than {baseline} (positive = forgets less), per task: mean ± std over seeds '
+              f'[per-seed values]; forgetting F = pretraining val loss on the frontier at the threshold - the base '
+              f"model's own.", '', '| task | F ' + baseline + ' | ' + ' | '.join(f'{b}: F | {b}: % less' for b in others)
+              + ' |', '|---' * (2 + 2 * len(others)) + '|']
+    for task in config['tasks']:
+        per_seed = results['sft'].get(task, {})
+        if not per_seed:
+            lines.append(f'| {task} | missing |' + ' |' * (2 * len(others)))
+            continue
+        cells = [mean_std([r['forgetting'].get(baseline) for r in per_seed.values()])]
+        for b in others:
+            pct = [r['percent_less'].get(b) for r in per_seed.values()]
+            cells += [mean_std([r['forgetting'].get(b) for r in per_seed.values()]),
+                      percent_cell(pct)]
+        lines.append(f'| {task} | ' + ' | '.join(cells) + ' |')
+    lines += ['', '## Forgetting after quantization', '',
+              f'F = pretraining val loss of the quantized model - that of the base model (same batches); % less than '
+              f'{baseline}: mean ± std over seeds [per-seed values].', '',
+              '| method | F ' + baseline + ' | ' + ' | '.join(f'{b}: F | {b}: % less' for b in others) + ' |',
+              '|---' * (2 + 2 * len(others)) + '|']
+    for method in config['quantize_methods']:
+        per_seed = results['quantization'].get(method, {})
+        if not per_seed:
+            lines.append(f'| {method} | missing |' + ' |' * (2 * len(others)))
+            continue
+        cells = [mean_std([r['forgetting'].get(baseline) for r in per_seed.values()])]
+        for b in others:
+            pct = [r['percent_less'].get(b) for r in per_seed.values()]
+            cells += [mean_std([r['forgetting'].get(b) for r in per_seed.values()]),
+                      percent_cell(pct)]
+        lines.append(f'| {method} | ' + ' | '.join(cells) + ' |')
+    if has_sharpness:
+        lines += ['', '## Forgetting against sharpness', '', '![forgetting against sharpness](sharpness.png)', '',
+                  'One point per base model and seed.']
+    missing = [name for name in stages if markers[name].get('status') != 'done' or markers[name].get('key') != stages[name]['key']]
+    lines += ['', '## Missing stages', '']
+    lines += [f"- `{name}`: {markers[name].get('status', 'not run')}"
+              + (f", log `{os.path.join(stages[name]['dir'], 'stage.log')}`" if markers[name] else '') for name in missing]
+    lines += ['- none'] if not missing else []
+    lines += ['', '## Stages', '', '<details><summary>every command, with its wall time</summary>', '', '```']
+    lines += [f"# {name}: {markers[name].get('wall_s', 'n/a')} s\n{markers[name].get('command', '(not run)')}"
+              for name in stages]
+    lines += ['```', '', '</details>', '']
+    write_json(results, os.path.join(out_dir, 'results.json'))
+    path = os.path.join(out_dir, 'report.md')
+    with atomic_path(path) as tmp, open(tmp, 'w') as f:
+        f.write('\n'.join(lines))
+    return path
