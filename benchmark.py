@@ -14,16 +14,13 @@ import contextlib
 import statistics
 import sys
 import time
-import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map_only
 
 from config import config_defaults, load_config
 from model import GPT, GPTConfig
 from sam import SAM
-from training import autocast_context, resolve_dtype, setup_device, train_step
+from training import PeakTensorMemory, autocast_context, resolve_dtype, setup_device, train_step
 
 # -----------------------------------------------------------------------------
 n_layer = 4
@@ -42,32 +39,6 @@ seed = 1337
 # -----------------------------------------------------------------------------
 config = load_config(config_defaults(globals()), sys.argv[1:])
 globals().update(config)
-
-
-class PeakTensorMemory(TorchDispatchMode):
-    """Peak bytes of tensor storage created while active (on any device), freed storage subtracted."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.current, self.peak = {}, 0, 0
-
-    def _track(self, tensor):
-        storage = tensor.untyped_storage()
-        key, size = storage.data_ptr(), storage.nbytes()
-        if size == 0 or key in self.live:
-            return
-
-        def release(_, key=key, size=size):
-            self.live.pop(key, None)
-            self.current -= size
-        self.live[key] = weakref.ref(storage, release)
-        self.current += size
-        self.peak = max(self.peak, self.current)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        tree_map_only(torch.Tensor, self._track, out)
-        return out
 
 
 def run(use_sam, n_steps, tracker=contextlib.nullcontext()):

@@ -1,14 +1,18 @@
 """
 What pretrain.py and finetune.py share: process setup (single, or DDP under
 torchrun), the learning-rate schedules, one optimizer step (AdamW or SAM, with
-gradient accumulation) and the validation loss.
+gradient accumulation) and the validation loss; and the tensor-memory tracker that benchmark.py and
+memory_budget.py measure with.
 """
 import contextlib
 import math
 import os
+import weakref
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
 
 from config import check, fail
 
@@ -144,3 +148,29 @@ def estimate_loss(model, get_batch, n_batches, autocast, rank=0, world_size=1):
         dist.all_reduce(total)
         loss_sum, count = total.tolist()
     return loss_sum / max(count, 1)
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Peak bytes of tensor storage created while active (on any device), freed storage subtracted."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.current, self.peak = {}, 0, 0
+
+    def _track(self, tensor):
+        storage = tensor.untyped_storage()
+        key, size = storage.data_ptr(), storage.nbytes()
+        if size == 0 or key in self.live:
+            return
+
+        def release(_, key=key, size=size):
+            self.live.pop(key, None)
+            self.current -= size
+        self.live[key] = weakref.ref(storage, release)
+        self.current += size
+        self.peak = max(self.peak, self.current)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tree_map_only(torch.Tensor, self._track, out)
+        return out
