@@ -7,7 +7,8 @@ Pretraining and mid-training with AdamW or SAM.
 
 init_from: 'scratch' starts a new model; 'resume' continues out_dir/ckpt.pt exactly
 (weights, optimizer, schedule and data position); a checkpoint path starts a new run
-from that run's weights (mid-training: new schedule, optimizer and/or SAM).
+from that run's weights (mid-training: new schedule, optimizer and/or SAM); so does a Hugging Face
+OLMo-2 checkpoint: hf:allenai/OLMo-2-0425-1B (+ hf_revision) or a local directory (see hf.py).
 """
 import math
 import os
@@ -23,6 +24,7 @@ from checkpoint import (append_jsonl, build_model, code_version, fault_hook, loa
                         save_checkpoint, truncate_log)
 from config import check, check_choice, config_defaults, fail, load_config
 from data import load_meta, open_tokens, tokenizer_id, train_batch, val_batch
+from hf import hf_checkpoint, is_hf_source
 from model import GPT, GPTConfig
 from sam import SAM
 from training import estimate_loss, lr_at, setup_run, train_step
@@ -30,7 +32,8 @@ from training import estimate_loss, lr_at, setup_run, train_step
 # -----------------------------------------------------------------------------
 # defaults: the paper's 60M AdamW recipe on one process; configs/ override them
 out_dir = 'out/pretrain'
-init_from = 'scratch'  # 'scratch' | 'resume' | path to a checkpoint (mid-training)
+init_from = 'scratch'  # 'scratch' | 'resume' | path to a checkpoint | hf:NAME or a Hugging Face directory
+hf_revision = ''  # with init_from=hf:NAME: Hub branch, tag or commit ('' = main)
 keep_optimizer_state = False  # with init_from=<path>: continue the checkpoint's AdamW moments
 overwrite = False  # allow init_from='scratch' to replace an existing out_dir/ckpt.pt
 # data
@@ -137,7 +140,8 @@ if init_from == 'scratch':
     model_args['vocab_size'] = vocab_size or -(-meta['vocab_size'] // 128) * 128
 else:
     source_path = ckpt_path if init_from == 'resume' else init_from
-    checkpoint = load_checkpoint(source_path, map_location=device)
+    checkpoint = (hf_checkpoint(init_from, hf_revision, meta) if is_hf_source(init_from) else
+                  load_checkpoint(source_path, map_location=device))
     model_args = dict(checkpoint['model_args'], block_size=block_size)  # the shape comes from the checkpoint
     if init_from == 'resume':
         for k in model_keys:
