@@ -137,6 +137,8 @@ def load_results(paths):
                 result = json.load(f)
         except (OSError, ValueError) as e:  # ValueError: not JSON (JSONDecodeError) or not text
             fail(f"{path}: cannot read JSON: {e}")
+        if isinstance(result, dict) and 'final' in result and result['final'] is None:
+            fail(f"{path}: the run has not finished (final is null); finish it with finetune.py --init_from=resume")
         task, init_from = _field(result, 'task', path, str), _field(result, 'init_from', path, str)
         lr, base_pt = _field(result, 'learning_rate', path, float), _field(result, 'base.pt_val_loss', path, float)
         ft, pt = _field(result, 'final.ft_val_loss', path, float), _field(result, 'final.pt_val_loss', path, float)

@@ -36,7 +36,8 @@ def atomic_path(path):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:  # the body only writes: a full disk, a directory that is a file or read-only, ...
-        fail(f"could not write {path} ({e.strerror or e})")
+        where = f": {e.filename}" if e.filename not in (None, path, tmp) else ''
+        fail(f"could not write {path} ({e.strerror or e}{where})")
     finally:
         if tmp and os.path.exists(tmp):
             os.remove(tmp)
@@ -140,14 +141,18 @@ def load_checkpoint(path, map_location='cpu'):
     return checkpoint
 
 
-def build_model(model_args, state_dict, path):
-    """GPT(model_args) holding state_dict (from checkpoint `path`); one line if they do not fit this code's model."""
+def build_model(model_args, state_dict, path, check_only=False):
+    """GPT(model_args) holding state_dict (from checkpoint `path`); one line if they do not fit this code's model.
+    check_only: only that check, on the meta device (no memory, no copy), to refuse a checkpoint before any work."""
     from model import GPT, GPTConfig  # here, not at the top: data-only scripts need not import the model
     try:
-        model = GPT(GPTConfig(**model_args))
-        model.load_state_dict(state_dict)
-    except (TypeError, RuntimeError) as e:
-        fail(f"checkpoint {path} does not match this code's model ({str(e).splitlines()[0]})")
+        with torch.device('meta') if check_only else contextlib.nullcontext():
+            model = GPT(GPTConfig(**model_args))
+        model.load_state_dict(state_dict, assign=check_only)
+    except (TypeError, RuntimeError) as e:  # load_state_dict's first line is a heading: say which keys differ
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        detail = lines[1] if len(lines) > 1 and lines[0].startswith('Error(s) in loading') else lines[0]
+        fail(f"checkpoint {path} does not match this code's model ({detail[:200]})")
     return model
 
 

@@ -12,6 +12,7 @@ block_size+1 tokens in a per-epoch permutation, so a resumed run, at any number 
 processes, sees exactly the tokens an uninterrupted run would have seen.
 """
 import base64
+import hashlib
 import importlib.util
 import json
 import os
@@ -131,6 +132,10 @@ def load_tokenizer(data_dir_or_meta):
         path = os.path.join(meta['data_dir'], info['file'])
         if not os.path.isfile(path):
             fail(f"tokenizer file {path} named in meta.json is missing; rerun prepare.py with --overwrite=True")
+        with open(path, 'rb') as f:  # the file the data was tokenized with, not a replaced or damaged one
+            if info.get('hash') and hashlib.sha256(f.read()).hexdigest()[:16] != info['hash']:
+                fail(f"tokenizer file {path} does not match the one {meta['data_dir']} was tokenized with "
+                     f"(hash in meta.json differs); rerun prepare.py with --overwrite=True")
         try:
             ranks = read_tiktoken_bpe(path)
             enc = tiktoken.Encoding(info['name'], pat_str=info['pat_str'], mergeable_ranks=ranks,

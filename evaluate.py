@@ -33,7 +33,7 @@ import sys
 import time
 
 
-from checkpoint import load_checkpoint, load_model, write_json
+from checkpoint import build_model, load_checkpoint, load_model, write_json
 from config import check, check_choice, config_defaults, fail, load_config
 from data import load_meta, load_tokenizer, open_tokens, tokenizer_id, val_batch
 from sharpness import hessian_trace, noise_proxy, sam_sharpness, top_hessian_eigenvalue
@@ -87,6 +87,7 @@ check(not os.path.isdir(out), f"out {out} is a directory; give a file path such 
 infos = {}
 for path in paths:
     ckpt = load_checkpoint(path)  # fails on missing / corrupt; the model itself is loaded later, one at a time
+    build_model(ckpt['model_args'], ckpt['model'], path, check_only=True)  # weights of another architecture
     infos[path] = {k: ckpt.get(k) for k in ('model_args', 'config', 'tokenizer', 'iter_num', 'tokens', 'quantization')}
     del ckpt
 first = infos[paths[0]]

@@ -86,7 +86,8 @@ config = load_config(config_defaults(globals()), sys.argv[1:])
 globals().update(config)
 check_choice(config, 'dtype', ('auto', 'bfloat16', 'float32'))
 check_choice(config, 'source', ('offline', 'hub'))
-check(init_from not in ('', 'scratch'), f"init_from must be the path of a base checkpoint or 'resume', got {init_from!r}")
+check(init_from not in ('', 'scratch'),
+      f"init_from must be the path of a base checkpoint or 'resume', got {init_from!r}")
 check(max_bad_steps >= 0, f"max_bad_steps must be >= 0, got {max_bad_steps}")
 for key in ('max_tokens', 'val_tokens', 'batch_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters',
             'log_interval'):
@@ -103,7 +104,8 @@ if resume:
     check(os.path.exists(ckpt_path), f"nothing to resume: {ckpt_path} does not exist (a run writes it at its first "
           f"evaluation after iteration 0); start over with --init_from=<base checkpoint> --overwrite=True")
 else:
-    check(os.path.abspath(init_from) != os.path.abspath(ckpt_path), f"init_from is {ckpt_path} itself; pick another out_dir")
+    check(os.path.abspath(init_from) != os.path.abspath(ckpt_path),
+          f"init_from is {ckpt_path} itself; pick another out_dir")
     for path in (result_path, ckpt_path):
         check(overwrite or not os.path.exists(path), f"{path} exists: resume it with --init_from=resume, pick another "
               f"--out_dir or pass --overwrite=True")
@@ -235,7 +237,8 @@ def save(final):
         'model_args': model_args, 'iter_num': iter_num, 'tokens': iter_num * tokens_per_iter,
         'config': {**config, 'data_root': data_root, 'dataset': dataset}, 'dataset': dataset,
         'data_fingerprint': meta.get('fingerprint'), 'tokenizer': meta['tokenizer'], 'code_version': git_commit,
-        'task_fingerprint': task_fingerprint, 'rng_state': torch.get_rng_state(), 'bad_steps': bad_steps, 'result': result,
+        'task_fingerprint': task_fingerprint, 'rng_state': torch.get_rng_state(), 'bad_steps': bad_steps,
+        'result': result,
         'finetune': {'task': task, 'source': source, 'init_from': init_from, 'result': result['final']},
     }, ckpt_path)
 
@@ -268,7 +271,8 @@ while True:
     bad = not (math.isfinite(stats['loss']) and math.isfinite(stats['grad_norm']))  # train_step did not step
     bad_steps += bad
     if master and bad and bad_steps <= max_bad_steps:
-        progress.write(f"iter {iter_num}: non-finite loss or gradient norm; step skipped ({bad_steps} of max_bad_steps)")
+        progress.write(f"iter {iter_num}: non-finite loss or gradient norm; step skipped "
+                       f"({bad_steps} of max_bad_steps)")
     iter_num += 1
     progress.update(1)
     if master and (iter_num % log_interval == 0 or iter_num == max_iters or bad):

@@ -308,3 +308,14 @@ def test_finetune_guard(run_script, poison, tiny_ckpt, tmp_path, max_bad):
         return
     ok(result)
     assert checkpoint(out)['iter_num'] == 16 and checkpoint(out)['bad_steps'] == 1
+
+
+def test_resume_drops_log_lines_past_the_checkpoint_and_one_cut_short(tmp_path):
+    # what a kill leaves in a log: records past the checkpoint, and a last line cut short mid-write
+    from checkpoint import truncate_log
+    log = tmp_path / 'log.jsonl'
+    log.write_text('{"iter": 0, "val_loss": 6.2}\n{"iter": 1, "loss": 6.1}\n{"iter": 2, "loss": 6.0}\n{"iter": 3, "lo')
+    truncate_log(str(log), 1)
+    assert log.read_text() == '{"iter": 0, "val_loss": 6.2}\n{"iter": 1, "loss": 6.1}\n'
+    truncate_log(str(log), -1)  # a new run
+    assert log.read_text() == '' and os.listdir(tmp_path) == ['log.jsonl']
