@@ -142,6 +142,21 @@ def test_exported_tokenizer_gives_the_data_ids(exported_tiny, tiny_ckpt, wiki):
     logits_close(model, load_model(tiny_ckpt)[0], model.config.vocab_size, 32, atol=1e-5)
 
 
+def test_import_hf_script(exported_tiny, tiny_ckpt, wiki, run_script, tmp_path):
+    """import_hf.py: the exported directory back as one of our checkpoints, naming its pretraining data."""
+    out = tmp_path / 'imported'
+    result = run_script('import_hf.py', f'--init_from={exported_tiny}', f'--out_dir={out}',
+                        f'--data_root={os.path.dirname(wiki)}', '--dataset=wiki_en')
+    assert result.returncode == 0, result.stderr
+    imported, ckpt = load_model(str(out / 'ckpt.pt'))
+    original = load_model(tiny_ckpt)[0]
+    assert all(torch.equal(a, b) for a, b in zip(imported.state_dict().values(), original.state_dict().values()))
+    assert ckpt['config']['dataset'] == 'wiki_en' and ckpt['tokenizer'] == load_meta(wiki)['tokenizer']
+    again = run_script('import_hf.py', f'--init_from={exported_tiny}', f'--out_dir={out}',
+                       f'--data_root={os.path.dirname(wiki)}', '--dataset=wiki_en')
+    assert again.returncode == 2 and 'exists' in again.stderr
+
+
 def test_4bit_load_of_export_equals_quantize_py(run_script, tmp_path):
     """BitsAndBytesConfig 4-bit (NF4, bitsandbytes' CPU backend) quantizes the exported weights exactly as
     quantize.py --method=nf4 does. (Widths are multiples of 64: bitsandbytes' CPU inference kernel fails on
