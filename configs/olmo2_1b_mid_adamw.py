@@ -15,7 +15,7 @@
 # from 0) is the conservative alternative; log.jsonl's loss and grad_norm of the first 100 steps tell.
 #
 # Memory (python memory_budget.py; README, "OLMo-2 interop and 1B mid-training"): with SAM under plain DDP a GPU
-# holds ~34 GiB of model state plus ~5.3 GiB of activations per 2048-token sequence; 2 sequences per micro-step
+# holds ~35 GiB of model state plus ~10.7 GiB of activations per 2048-token sequence; 2 sequences per micro-step
 # (~56 GiB) leave room on an 80 GB GPU, 4 (~77 GiB) do not once the CUDA context and fragmentation are added.
 # gradient_accumulation_steps counts micro-steps over all GPUs: 512 x 2 = 1024 sequences on any number of GPUs
 # dividing 512 (8 GPUs: 64 micro-steps each).
