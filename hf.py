@@ -75,7 +75,10 @@ def resolve(source, revision=''):
         return source
     name = source[3:]
     import logging
-    from huggingface_hub import errors, snapshot_download
+    try:
+        from huggingface_hub import errors, snapshot_download
+    except ImportError:
+        fail(f"init_from={source} needs the optional Hugging Face packages: pip install -r requirements-hf.txt")
     logging.getLogger('huggingface_hub').setLevel(logging.ERROR)  # its retry warnings are not our one line
     at = f" at revision {revision!r}" if revision else ''
     try:
@@ -127,9 +130,13 @@ def read_hf_weights(directory):
     if not files and not bins:
         fail(f"{directory} holds no weights (*.safetensors or pytorch_model*.bin)")
     tensors = {}
+    if files:
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            fail(f"{directory} holds safetensors weights: pip install -r requirements-hf.txt")
     try:
         if files:
-            from safetensors.torch import load_file
             for f in files:
                 tensors.update(load_file(f))
         else:
