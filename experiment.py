@@ -179,8 +179,9 @@ def state_of(stage):
 def command(stage):
     args = list(stage['args'])
     marker = read_json(os.path.join(stage['dir'], 'stage.json')) or {}
-    if stage['kind'] == 'pretrain' and marker.get('key') == stage['key'] and os.path.exists(stage['product']):
-        args.append('--init_from=resume')  # the same run was interrupted: continue it exactly
+    interrupted = marker.get('key') == stage['key'] and os.path.exists(os.path.join(stage['dir'], 'ckpt.pt'))
+    if stage['kind'] in ('pretrain', 'finetune') and interrupted:  # the same run stopped: continue it exactly
+        args = [a for a in args if not a.startswith('--init_from=')] + ['--init_from=resume']
     elif stage['kind'] in ('pretrain', 'finetune', 'quantize'):
         args.append('--overwrite=True')  # leftovers of a changed or failed run
     launcher = [sys.executable]
