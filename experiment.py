@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from checkpoint import write_json
 from config import REPO_ROOT, check, check_choice, config_defaults, fail, load_config
-from report import write_report
+from report import read_json, write_report
 
 # -----------------------------------------------------------------------------
 # defaults: the default experiment, a CPU-scale comparison on the embedded offline data (under 20 minutes on 2 cores;
@@ -159,14 +159,6 @@ for base, base_args in bases.items():
             add_stage(f'evaluate/{run}_quantized', 'evaluate', 'evaluate.py',
                       [f"--checkpoints={','.join(quantized)}", f'--out={out_dir}/evaluate/{run}_quantized/eval.json',
                        *eval_common], 'eval.json', [f'quantize/{run}_{m}' for m in quantize_methods])
-
-
-def read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def state_of(stage):

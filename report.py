@@ -30,12 +30,19 @@ SHARPNESS = {'hessian': ('top Hessian eigenvalue', lambda v: v['top_eigenvalue']
                        lambda v: v['loss_increase'][int(np.argmin(np.abs(np.array(v['sigmas']) - 0.02)))])}
 
 
-def _read(path):
+def read_json(path):
+    """The JSON in path, or None if it is missing or unreadable (a stage that has not written it yet)."""
     try:
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+def finite_mean(values):
+    """Mean of the finite values (None and nan are runs that could not be compared); nan if there are none."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(values)) if values else math.nan
 
 
 def mean_std(values, fmt='.4f'):
@@ -62,7 +69,7 @@ def collect(out_dir, stages, config):
     for stage in stages.values():
         if stage['kind'] != 'finetune':
             continue
-        result = _read(stage['product'])
+        result = read_json(stage['product'])
         if not result or not result.get('final'):
             continue
         run = stage['name'].split('/')[1]
@@ -73,8 +80,8 @@ def collect(out_dir, stages, config):
     for base in bases:
         for seed in seeds:
             run = f'{base}_s{seed}'
-            evaluation = {**(_read(os.path.join(out_dir, 'evaluate', run, 'eval.json')) or {}),
-                          **(_read(os.path.join(out_dir, 'evaluate', f'{run}_quantized', 'eval.json')) or {})}
+            evaluation = {**(read_json(os.path.join(out_dir, 'evaluate', run, 'eval.json')) or {}),
+                          **(read_json(os.path.join(out_dir, 'evaluate', f'{run}_quantized', 'eval.json')) or {})}
             base_ckpt = os.path.join(out_dir, 'pretrain', run, 'ckpt.pt')
             base_eval = evaluation.get(base_ckpt)
             if base_eval is None:
@@ -109,6 +116,22 @@ def collect(out_dir, stages, config):
                 results['quantization'].setdefault(method, {})[str(seed)] = {
                     'forgetting': f, 'percent_less': {b: percent_less_forgetting(f[baseline], f[b]) for b in f if b != baseline}}
     return results
+
+
+def comparison_table(what, rows, baseline, others):
+    """Markdown rows: per task (or quantization method), F of the baseline, then F and % less of each other base."""
+    lines = [f'| {what} | F {baseline} | ' + ' | '.join(f'{b}: F | {b}: % less' for b in others) + ' |',
+             '|---' * (2 + 2 * len(others)) + '|']
+    for name, per_seed in rows.items():
+        if not per_seed:
+            lines.append(f'| {name} | missing |' + ' |' * (2 * len(others)))
+            continue
+        cells = [mean_std([r['forgetting'].get(baseline) for r in per_seed.values()])]
+        for b in others:
+            cells += [mean_std([r['forgetting'].get(b) for r in per_seed.values()]),
+                      percent_cell([r['percent_less'].get(b) for r in per_seed.values()])]
+        lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+    return lines
 
 
 def plot_frontiers(results, config, path):
@@ -192,7 +215,7 @@ def environment():
 
 def write_report(out_dir, stages, config, wall_s=None):
     results = collect(out_dir, stages, config)
-    markers = {name: _read(os.path.join(s['dir'], 'stage.json')) or {} for name, s in stages.items()}
+    markers = {name: read_json(os.path.join(s['dir'], 'stage.json')) or {} for name, s in stages.items()}
     env = environment()
     baseline, others = config['baseline'], [b for b in config['bases'] if b != config['baseline']]
     stage_seconds = {}
@@ -212,6 +235,25 @@ def write_report(out_dir, stages, config, wall_s=None):
              ', '.join(f'{kind} {s:.0f} s' for kind, s in stage_seconds.items()),
              f"- Base models: {', '.join(config['bases'])} (baseline {baseline}); seeds {list(config['seeds'])}; "
              f"tasks {', '.join(config['tasks'])}; quantization {', '.join(config['quantize_methods'])}", '']
+    lines += ['## Summary', '', f'% less forgetting than {baseline}, averaged over the tasks (each seed\'s mean over tasks, '
+              f'then mean ± std over seeds [per-seed values]), and the number of tasks where the mean over seeds is '
+              f'positive; then each quantization method.', '',
+              '| base | SFT: % less, mean over tasks | tasks with less forgetting | '
+              + ' | '.join(f'{m}: % less' for m in config['quantize_methods']) + ' |',
+              '|---' * (3 + len(config['quantize_methods'])) + '|']
+    for b in others:
+        by_seed = {}
+        for per_seed in results['sft'].values():
+            for seed, r in per_seed.items():
+                by_seed.setdefault(seed, []).append(r['percent_less'].get(b))
+        task_means = [finite_mean([r['percent_less'].get(b) for r in per_seed.values()])
+                      for per_seed in results['sft'].values()]
+        cells = [percent_cell([finite_mean(v) for v in by_seed.values()]),
+                 f'{sum(m > 0 for m in task_means)} of {len(task_means)}']
+        cells += [percent_cell([r['percent_less'].get(b) for r in results['quantization'].get(m, {}).values()])
+                  for m in config['quantize_methods']]
+        lines.append(f'| {b} | ' + ' | '.join(cells) + ' |')
+    lines += ['']
     lines += ['## Base models', '', '| base | pretraining val loss | ' + ' | '.join(
         SHARPNESS[m][0] for m in SHARPNESS if m in config['sharpness'].split(',')) + ' |',
               '|---' * (2 + sum(m in config['sharpness'].split(',') for m in SHARPNESS)) + '|']
@@ -230,35 +272,13 @@ def write_report(out_dir, stages, config, wall_s=None):
                   'one per base model and seed; the dotted line is each seed\'s matched fine-tuning loss.', '']
     lines += [f'% less forgetting than {baseline} (positive = forgets less), per task: mean ± std over seeds '
               f'[per-seed values]; forgetting F = pretraining val loss on the frontier at the threshold - the base '
-              f"model's own.", '', '| task | F ' + baseline + ' | ' + ' | '.join(f'{b}: F | {b}: % less' for b in others)
-              + ' |', '|---' * (2 + 2 * len(others)) + '|']
-    for task in config['tasks']:
-        per_seed = results['sft'].get(task, {})
-        if not per_seed:
-            lines.append(f'| {task} | missing |' + ' |' * (2 * len(others)))
-            continue
-        cells = [mean_std([r['forgetting'].get(baseline) for r in per_seed.values()])]
-        for b in others:
-            pct = [r['percent_less'].get(b) for r in per_seed.values()]
-            cells += [mean_std([r['forgetting'].get(b) for r in per_seed.values()]),
-                      percent_cell(pct)]
-        lines.append(f'| {task} | ' + ' | '.join(cells) + ' |')
+              f"model's own.", '']
+    lines += comparison_table('task', {task: results['sft'].get(task, {}) for task in config['tasks']}, baseline, others)
     lines += ['', '## Forgetting after quantization', '',
               f'F = pretraining val loss of the quantized model - that of the base model (same batches); % less than '
-              f'{baseline}: mean ± std over seeds [per-seed values].', '',
-              '| method | F ' + baseline + ' | ' + ' | '.join(f'{b}: F | {b}: % less' for b in others) + ' |',
-              '|---' * (2 + 2 * len(others)) + '|']
-    for method in config['quantize_methods']:
-        per_seed = results['quantization'].get(method, {})
-        if not per_seed:
-            lines.append(f'| {method} | missing |' + ' |' * (2 * len(others)))
-            continue
-        cells = [mean_std([r['forgetting'].get(baseline) for r in per_seed.values()])]
-        for b in others:
-            pct = [r['percent_less'].get(b) for r in per_seed.values()]
-            cells += [mean_std([r['forgetting'].get(b) for r in per_seed.values()]),
-                      percent_cell(pct)]
-        lines.append(f'| {method} | ' + ' | '.join(cells) + ' |')
+              f'{baseline}: mean ± std over seeds [per-seed values].', '']
+    lines += comparison_table('method', {m: results['quantization'].get(m, {}) for m in config['quantize_methods']},
+                              baseline, others)
     if has_sharpness:
         lines += ['', '## Forgetting against sharpness', '', '![forgetting against sharpness](sharpness.png)', '',
                   'One point per base model and seed.']

@@ -7,10 +7,12 @@
 # Token budget: the pretrain configs default to the largest budget, 240B (915,528 steps of 262,144 tokens). The paper
 # sweeps 15, 30, 60, 120, 240B; e.g. 15B with its tuned lr:
 #   --pretrain_args='--max_iters=57221 --learning_rate=1e-3' (large_lr's 3e-3 is then 3x, not 10x)
+# Everything else as in gpu_20m.py.
 # Estimated cost (README, "GPU presets"): about 266 H100-hours per AdamW-cost pretraining run at 240B; the four base
 # models cost 5 such runs (SAM counts twice), about 1330 H100-hours, plus 140 fine-tuning runs of 10M tokens.
+from configs.experiments.gpu_20m import *
+
 out_dir = 'out/experiment_150m'
-dataset = 'dclm'
 prepare_args = '--source=hf:mlfoundations/dclm-baseline-1.0 --tokenizer=cl100k_base --max_tokens=240000000000'
 bases = {
     'adamw': 'configs/adamw_150m.py',
@@ -18,16 +20,3 @@ bases = {
     'large_lr': 'configs/large_lr_150m.py',
     'short_anneal': 'configs/wsd_150m.py',
 }
-pretrain_args = ''
-seeds = (1337,)
-tasks = ('gsm8k', 'stackmathqa', 'starcoder', 'musicpile', 'tulu')
-# the paper sweeps 7-11 values per base model; this grid (half-decades) is ours
-learning_rates = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
-# the paper's SFT recipe (configs/sft/cpu.py lists it): 10M tokens of 64 x 1024, hub data
-finetune_args = ('--source=hub --max_tokens=10000000 --block_size=1024 --batch_size=8 --gradient_accumulation_steps=8 '
-                 '--val_tokens=1048576 --eval_interval=25 --eval_iters=80 --device=cuda --dtype=auto')
-quantize_methods = ('nf4', 'fp4', 'int8')
-quantize_args = ''
-sharpness = 'noise,hessian,sam'
-evaluate_args = '--batch_size=32 --eval_iters=80 --device=cuda'
-jobs = 1
