@@ -34,7 +34,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from checkpoint import write_json
+from checkpoint import append_jsonl, write_json
 from config import REPO_ROOT, check, check_choice, config_defaults, fail, load_config
 from report import read_json, write_report
 
@@ -203,6 +203,7 @@ except OSError:
 
 states = {name: state_of(stage) for name, stage in stages.items()}
 todo = [name for name in stages if states[name] != 'done']
+stages_to_run = len(todo)
 print(f"experiment {out_dir}: {len(stages)} stages, {len(stages) - len(todo)} done, {len(todo)} to run "
       f"({jobs} at a time" + (f", torchrun on {torchrun_gpus} GPUs" if torchrun_gpus else '') + ")")
 if dry_run:
@@ -269,7 +270,12 @@ while todo or running:
         overall.update(1)
 overall.close()
 
-report_path = write_report(out_dir, stages, config, wall_s=time.time() - started)
+if stages_to_run:  # the wall times of the invocations that ran something, for the report
+    append_jsonl(os.path.join(out_dir, 'invocations.jsonl'),
+                 {'command': shown([sys.executable, os.path.abspath(sys.argv[0])] + sys.argv[1:]),
+                  'started': time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(started)),
+                  'wall_s': round(time.time() - started, 1), 'stages_run': stages_to_run, 'failed': len(failed)})
+report_path = write_report(out_dir, stages, config)
 print(f"{len(stages) - len(failed)}/{len(stages)} stages done in {time.time() - started:.0f} s; report: {report_path}")
 for name, why in failed.items():
     print(f"  missing {name}: {why}", file=sys.stderr)

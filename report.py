@@ -142,9 +142,14 @@ def plot_frontiers(results, config, path):
     if not tasks:
         return False
     colors = {b: f'C{i}' for i, b in enumerate(config['bases'])}
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        for seed_index, (seed, res) in enumerate(sorted(results['sft'][task].items())):
+    ncols = min(3, len(tasks))
+    nrows = -(-len(tasks) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.9 * nrows), squeeze=False)
+    for ax in axes.flat[len(tasks):]:
+        ax.axis('off')
+    for ax, task in zip(axes.flat, tasks):
+        runs = sorted(results['sft'][task].items())
+        for seed_index, (seed, res) in enumerate(runs):
             for base, points in res['points'].items():
                 xs, ys = zip(*points)
                 label = base if seed_index == 0 else None
@@ -153,10 +158,19 @@ def plot_frontiers(results, config, path):
                     fx, fy = zip(*res['frontier'][base])
                     ax.plot(fx, fy, color=colors[base], lw=1.3, alpha=0.85)
             ax.axvline(res['threshold'], color='grey', lw=0.6, ls=':')
-        ax.set_title(f'{task} ({len(results["sft"][task])} seeds)')
+        # runs far above every frontier (too large a learning rate) would squash the frontiers: leave them out of view
+        front_y = [y for _, res in runs for front in res['frontier'].values() for _, y in front]
+        all_y = [y for _, res in runs for points in res['points'].values() for _, y in points if math.isfinite(y)]
+        top = max(front_y) + 0.25 * (max(front_y) - min(front_y) + 1e-3)
+        hidden = sum(y > top for y in all_y)
+        if hidden:
+            ax.set_ylim(top=top)
+            ax.text(0.98, 0.98, f'{hidden} run(s) above the view', transform=ax.transAxes, ha='right', va='top',
+                    fontsize=7, color='grey')
+        ax.set_title(f'{task} ({len(runs)} seed{"s" if len(runs) > 1 else ""})')
         ax.set_xlabel('fine-tuning val loss (learning)')
         ax.set_ylabel('pretraining val loss (forgetting)')
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc='lower left')
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format='png')
@@ -213,10 +227,16 @@ def environment():
     return {'versions': versions, 'cpu': cpu, 'cpu_count': os.cpu_count(), 'gpus': gpus, 'code_version': code_version()}
 
 
-def write_report(out_dir, stages, config, wall_s=None):
+def write_report(out_dir, stages, config):
     results = collect(out_dir, stages, config)
     markers = {name: read_json(os.path.join(s['dir'], 'stage.json')) or {} for name, s in stages.items()}
     env = environment()
+    invocations = []
+    try:
+        with open(os.path.join(out_dir, 'invocations.jsonl')) as f:
+            invocations = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError):  # no record (older runs) or a cut-short line: the report goes without it
+        pass
     baseline, others = config['baseline'], [b for b in config['bases'] if b != config['baseline']]
     stage_seconds = {}
     for name, stage in stages.items():
@@ -230,7 +250,9 @@ def write_report(out_dir, stages, config, wall_s=None):
              f"`{shlex.join(['python'] + sys.argv)}`.", '',
              f"- Hardware: {env['cpu']}, {env['cpu_count']} cores; GPUs: {', '.join(env['gpus']) or 'none'}",
              '- Versions: ' + ', '.join(f'{k} {v}' for k, v in env['versions'].items()) + f"; code {env['code_version']}",
-             f"- Wall time: {wall_s:.0f} s for this invocation" if wall_s is not None else '- Wall time: n/a',
+             '- Wall time of each `experiment.py` invocation on this out_dir: ' + ('; '.join(
+                 f"`{r['command']}` at {r['started']}: {r['wall_s']:.0f} s ({r['stages_run']} stages run)"
+                 for r in invocations) or 'n/a'),
              '- Stage time (sum over stages, all invocations; parallel stages overlap): ' +
              ', '.join(f'{kind} {s:.0f} s' for kind, s in stage_seconds.items()),
              f"- Base models: {', '.join(config['bases'])} (baseline {baseline}); seeds {list(config['seeds'])}; "

@@ -64,6 +64,7 @@ def test_report_and_figures_exist(smoke):
     assert '![learning-forgetting frontiers](frontiers.png)' in report
     assert '## Missing stages\n\n- none' in report
     assert 'python pretrain.py configs/cpu_small.py' in report  # the exact commands
+    assert '(17 stages run)' in report  # the invocation's wall time
     assert 'AMD' in report or 'Intel' in report or 'cores' in report  # the hardware line
 
 
