@@ -2,8 +2,9 @@
 experiment.py's report: reads the stage outputs under an experiment's out_dir and writes report.md, results.json
 (every number in the report) and the figures frontiers.png and sharpness.png.
 
-The analysis is the paper's (analysis.py): per task and seed, the base models' frontiers are compared at matched
-fine-tuning loss; quantization forgetting is the pretraining-loss increase measured by evaluate.py on the same
+The analysis is the paper's (analysis.py): per task and seed, each base model's frontier is compared with the
+baseline's at their matched fine-tuning loss (two models at a time, as the paper does, so a comparison does not
+change when other base models join the experiment); quantization forgetting is the pretraining-loss increase measured by evaluate.py on the same
 batches as the unquantized base. "% less forgetting" is computed per seed, then averaged; the spread is the sample
 standard deviation across seeds.
 
@@ -20,7 +21,7 @@ import sys
 
 import numpy as np
 
-from analysis import matched_forgetting, percent_less_forgetting, quantization_forgetting
+from analysis import frontier, matched_forgetting, percent_less_forgetting, quantization_forgetting
 from checkpoint import atomic_path, code_version, write_json
 
 SHARPNESS = {'hessian': ('top Hessian eigenvalue', lambda v: v['top_eigenvalue']),
@@ -101,34 +102,44 @@ def collect(out_dir, stages, config):
         finite = {b: m for b, m in models.items() if any(all(map(math.isfinite, p)) for p in m['points'])}
         if baseline not in finite or len(finite) < 2:
             continue
-        matched = matched_forgetting({b: m['points'] for b, m in finite.items()},
-                                     {b: float(np.mean(m['base_pt'])) for b, m in finite.items()})
-        f = matched['forgetting']
-        results['sft'].setdefault(task, {})[str(seed)] = {
-            'threshold': matched['threshold'], 'forgetting': f, 'pt_loss_at_threshold': matched['pt_loss_at_threshold'],
-            'percent_less': {b: percent_less_forgetting(f[baseline], f[b]) for b in f if b != baseline},
-            'points': {b: m['points'] for b, m in models.items()}, 'frontier': matched['frontier']}
+        base_pt = {b: float(np.mean(m['base_pt'])) for b, m in finite.items()}
+        entry = {'threshold': {}, 'forgetting': {}, 'baseline_forgetting': {}, 'percent_less': {},
+                 'points': {b: m['points'] for b, m in models.items()},
+                 'frontier': {b: frontier(m['points']) for b, m in finite.items()}}
+        for b in finite:  # each base model against the baseline alone: the paper compares two models at a time
+            if b == baseline:
+                continue
+            matched = matched_forgetting({baseline: finite[baseline]['points'], b: finite[b]['points']}, base_pt)
+            f = matched['forgetting']
+            entry['threshold'][b], entry['forgetting'][b], entry['baseline_forgetting'][b] = \
+                matched['threshold'], f[b], f[baseline]
+            entry['percent_less'][b] = percent_less_forgetting(f[baseline], f[b])
+        results['sft'].setdefault(task, {})[str(seed)] = entry
     for method in config['quantize_methods']:
         for seed in seeds:
             f = {b: results['bases'][b][str(seed)]['quantized'][method]['forgetting'] for b in bases
                  if method in results['bases'].get(b, {}).get(str(seed), {}).get('quantized', {})}
             if baseline in f:
+                others = [b for b in f if b != baseline]
                 results['quantization'].setdefault(method, {})[str(seed)] = {
-                    'forgetting': f, 'percent_less': {b: percent_less_forgetting(f[baseline], f[b]) for b in f if b != baseline}}
+                    'forgetting': {b: f[b] for b in others}, 'baseline_forgetting': {b: f[baseline] for b in others},
+                    'percent_less': {b: percent_less_forgetting(f[baseline], f[b]) for b in others}}
     return results
 
 
 def comparison_table(what, rows, baseline, others):
-    """Markdown rows: per task (or quantization method), F of the baseline, then F and % less of each other base."""
-    lines = [f'| {what} | F {baseline} | ' + ' | '.join(f'{b}: F | {b}: % less' for b in others) + ' |',
-             '|---' * (2 + 2 * len(others)) + '|']
+    """Markdown rows: per task (or quantization method) and base model, the forgetting of the baseline and of the
+    base model (for fine-tuning, at the pair's matched loss) and % less forgetting."""
+    lines = [f'| {what} | ' + ' | '.join(f'{b}: F {baseline} | {b}: F | {b}: % less' for b in others) + ' |',
+             '|---' * (1 + 3 * len(others)) + '|']
     for name, per_seed in rows.items():
         if not per_seed:
-            lines.append(f'| {name} | missing |' + ' |' * (2 * len(others)))
+            lines.append(f'| {name} |' + ' missing |' * (3 * len(others)))
             continue
-        cells = [mean_std([r['forgetting'].get(baseline) for r in per_seed.values()])]
+        cells = []
         for b in others:
-            cells += [mean_std([r['forgetting'].get(b) for r in per_seed.values()]),
+            cells += [mean_std([r['baseline_forgetting'].get(b) for r in per_seed.values()]),
+                      mean_std([r['forgetting'].get(b) for r in per_seed.values()]),
                       percent_cell([r['percent_less'].get(b) for r in per_seed.values()])]
         lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
     return lines
@@ -157,9 +168,11 @@ def plot_frontiers(results, config, path):
                 if base in res['frontier']:
                     fx, fy = zip(*res['frontier'][base])
                     ax.plot(fx, fy, color=colors[base], lw=1.3, alpha=0.85)
-            ax.axvline(res['threshold'], color='grey', lw=0.6, ls=':')
+            for base, threshold in res['threshold'].items():
+                ax.axvline(threshold, color=colors[base], lw=0.7, ls=':')
         # runs far above every frontier (too large a learning rate) would squash the frontiers: leave them out of view
         front_y = [y for _, res in runs for front in res['frontier'].values() for _, y in front]
+        front_y = front_y or [y for _, res in runs for points in res['points'].values() for _, y in points]
         all_y = [y for _, res in runs for points in res['points'].values() for _, y in points if math.isfinite(y)]
         top = max(front_y) + 0.25 * (max(front_y) - min(front_y) + 1e-3)
         hidden = sum(y > top for y in all_y)
@@ -186,9 +199,10 @@ def plot_sharpness(results, config, path):
     method = next((m for m in config['quantize_methods'] if m in results['quantization']), None)
     if not measures:
         return False
-    rows = [('mean SFT forgetting at matched loss', lambda base, seed: np.nanmean(
-        [results['sft'][t][seed]['forgetting'].get(base, np.nan) for t in results['sft'] if seed in results['sft'][t]]
-        or [np.nan]))]
+    baseline = config['baseline']
+    rows = [(f'SFT: % less forgetting than {baseline}, mean over tasks', lambda base, seed: 0.0 if base == baseline
+             else finite_mean([results['sft'][t][seed]['percent_less'].get(base) for t in results['sft']
+                               if seed in results['sft'][t]]))]
     if method:
         rows.append((f'{method} quantization forgetting', lambda base, seed: results['bases'][base][seed]['quantized']
                      .get(method, {}).get('forgetting', np.nan)))
@@ -291,10 +305,12 @@ def write_report(out_dir, stages, config):
     if has_frontiers:
         lines += ['![learning-forgetting frontiers](frontiers.png)', '',
                   'Each point is one fine-tuning run (one learning rate); lines are the frontiers (lower convex hulls), '
-                  'one per base model and seed; the dotted line is each seed\'s matched fine-tuning loss.', '']
-    lines += [f'% less forgetting than {baseline} (positive = forgets less), per task: mean ± std over seeds '
-              f'[per-seed values]; forgetting F = pretraining val loss on the frontier at the threshold - the base '
-              f"model's own.", '']
+                  'one per base model and seed; a dotted line is the matched fine-tuning loss of that base model and the '
+                  'baseline (one per seed).', '']
+    lines += [f'Each base model is compared with {baseline} alone, as the paper compares two models: the threshold is '
+              f'the larger of the two best fine-tuning losses, and forgetting F = pretraining val loss on the frontier '
+              f"there - the base model's own. % less forgetting (positive = forgets less): mean ± std over seeds "
+              f'[per-seed values].', '']
     lines += comparison_table('task', {task: results['sft'].get(task, {}) for task in config['tasks']}, baseline, others)
     lines += ['', '## Forgetting after quantization', '',
               f'F = pretraining val loss of the quantized model - that of the base model (same batches); % less than '
