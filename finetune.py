@@ -31,7 +31,6 @@ given the run's own settings: it refuses a different task, data, learning rate, 
 compile, log_interval, eval_interval and max_bad_steps) and different task data (fingerprint of the token tensors).
 """
 import hashlib
-import math
 import os
 import sys
 import time
@@ -45,7 +44,7 @@ from checkpoint import (append_jsonl, build_model, code_version, fault_hook, loa
 from config import check, check_choice, config_defaults, fail, load_config
 from data import load_meta, load_tokenizer, open_tokens, sample_chunks, tokenizer_id, val_batch
 from tasks import task_tensors
-from training import estimate_loss, lr_at, setup_run, train_step
+from training import estimate_loss, lr_at, record_step, setup_run, train_step
 
 # -----------------------------------------------------------------------------
 # defaults: the paper's small-model SFT recipe on one process; configs/sft/ override them
@@ -254,7 +253,7 @@ if master:
 
 # training loop -------------------------------------------------------------------
 progress = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, desc=f'finetune {task}')
-last_time, last_iter = time.time(), iter_num
+timer = [time.time(), iter_num]  # of the last log line
 while True:
     fault_hook('iter', iter_num)
     if (iter_num % eval_interval == 0 or iter_num == max_iters) and not (resume and iter_num == start_iter):
@@ -268,24 +267,10 @@ while True:
         group['lr'] = lr
     micro_batches = [get_train_batch(iter_num, rank * local_accum + m) for m in range(local_accum)]
     stats = train_step(model, optimizer, micro_batches, autocast, grad_clip)
-    bad = not (math.isfinite(stats['loss']) and math.isfinite(stats['grad_norm']))  # train_step did not step
-    bad_steps += bad
-    if master and bad and bad_steps <= max_bad_steps:
-        progress.write(f"iter {iter_num}: non-finite loss or gradient norm; step skipped "
-                       f"({bad_steps} of max_bad_steps)")
+    bad_steps = record_step(stats, iter_num, lr, bad_steps, max_bad_steps, progress, log_path, tokens_per_iter,
+                            log_interval, max_iters, timer, master,
+                            f"{result_path} and the last checkpoint ({ckpt_path}, if any) are kept")
     iter_num += 1
-    progress.update(1)
-    if master and (iter_num % log_interval == 0 or iter_num == max_iters or bad):
-        elapsed = time.time() - last_time
-        record = {'iter': iter_num, 'tokens': iter_num * tokens_per_iter, 'lr': lr, **stats,
-                  'tokens_per_s': (iter_num - last_iter) * tokens_per_iter / elapsed,
-                  **({'bad_step': True, 'bad_steps': bad_steps} if bad else {})}
-        log(record)
-        progress.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-        last_time, last_iter = time.time(), iter_num
-    check(bad_steps <= max_bad_steps, f"non-finite loss ({stats['loss']}) or gradient norm ({stats['grad_norm']}) at "
-          f"iter {iter_num - 1} (bad step {bad_steps}, max_bad_steps={max_bad_steps}); the optimizer did not step; "
-          f"{result_path} and the last checkpoint ({ckpt_path}, if any) are kept")
 progress.close()
 if ddp:  # wait for rank 0's checkpoint: a rank tearing gloo down first can abort (SIGABRT) the other
     torch.distributed.barrier()

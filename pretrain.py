@@ -27,7 +27,7 @@ from data import load_meta, open_tokens, tokenizer_id, train_batch, val_batch
 from hf import hf_checkpoint, is_hf_source
 from model import GPT, GPTConfig
 from sam import SAM
-from training import estimate_loss, lr_at, setup_run, train_step
+from training import estimate_loss, lr_at, record_step, setup_run, train_step
 
 # -----------------------------------------------------------------------------
 # defaults: the paper's 60M AdamW recipe on one process; configs/ override them
@@ -216,7 +216,7 @@ if master:
 
 # training loop ----------------------------------------------------------------
 progress = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, desc='pretrain')
-last_time, last_iter = time.time(), iter_num
+timer = [time.time(), iter_num]  # of the last log line
 while True:
     fault_hook('iter', iter_num)
     stopping = iter_num >= max_iters or iter_num == stop_at_iter
@@ -236,25 +236,9 @@ while True:
     use_sam = optimizer == 'sam' and sam_start_fraction * max_iters <= iter_num < sam_end_fraction * max_iters
     micro_batches = [get_train_batch(iter_num, rank * local_accum + m) for m in range(local_accum)]
     stats = train_step(model, base_optimizer, micro_batches, autocast, grad_clip, sam if use_sam else None, z_loss)
-    bad = not (math.isfinite(stats['loss']) and math.isfinite(stats['grad_norm']))  # train_step did not step
-    bad_steps += bad
-    if master and stats.get('sam_skipped'):
-        progress.write(f"iter {iter_num}: SAM ascent gradient norm is {stats['ascent_grad_norm']}; perturbation skipped")
-    if master and bad and bad_steps <= max_bad_steps:
-        progress.write(f"iter {iter_num}: non-finite loss or gradient norm; step skipped ({bad_steps} of max_bad_steps)")
+    bad_steps = record_step(stats, iter_num, lr, bad_steps, max_bad_steps, progress, log_path, tokens_per_iter,
+                            log_interval, max_iters, timer, master, f"the last good checkpoint ({ckpt_path}) is kept")
     iter_num += 1
-    progress.update(1)
-    if master and (iter_num % log_interval == 0 or iter_num == max_iters or bad or stats.get('sam_skipped')):
-        elapsed = time.time() - last_time
-        record = {'iter': iter_num, 'tokens': iter_num * tokens_per_iter, 'lr': lr, **stats,
-                  'tokens_per_s': (iter_num - last_iter) * tokens_per_iter / elapsed,
-                  **({'bad_step': True, 'bad_steps': bad_steps} if bad else {})}
-        log(record)
-        progress.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-        last_time, last_iter = time.time(), iter_num
-    check(bad_steps <= max_bad_steps, f"non-finite loss ({stats['loss']}) or gradient norm ({stats['grad_norm']}) at "
-          f"iter {iter_num - 1} (bad step {bad_steps}, max_bad_steps={max_bad_steps}); the optimizer did not step and "
-          f"the last good checkpoint ({ckpt_path}) is kept")
 progress.close()
 if ddp:  # wait for rank 0's last checkpoint: a rank tearing gloo down first can abort (SIGABRT) the other
     torch.distributed.barrier()

@@ -1,12 +1,14 @@
 """
 What pretrain.py and finetune.py share: process setup (single, or DDP under
 torchrun), the learning-rate schedules, one optimizer step (AdamW or SAM, with
-gradient accumulation) and the validation loss; and the tensor-memory tracker that benchmark.py and
+gradient accumulation), its bookkeeping (log line, progress bar, bad-step guard) and the validation loss; and the
+tensor-memory tracker that benchmark.py and
 memory_budget.py measure with.
 """
 import contextlib
 import math
 import os
+import time
 import weakref
 
 import torch
@@ -14,6 +16,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
+from checkpoint import append_jsonl
 from config import check, fail
 
 
@@ -128,6 +131,32 @@ def train_step(model, optimizer, micro_batches, autocast, grad_clip, sam=None, z
 
 
 @torch.no_grad()
+def record_step(stats, it, lr, bad_steps, max_bad_steps, progress, log_path, tokens_per_iter, log_interval, max_iters,
+                timer, master, kept):
+    """After train_step took step `it` (so iteration it + 1 is reached): count it as bad if its loss or gradient norm
+    is not finite (train_step did not step), say so and say when SAM skipped its perturbation, advance the progress
+    bar, append the log line (every log_interval, at the end, and on every bad or SAM-skipped step), and stop with one
+    line once more than max_bad_steps steps were bad (`kept` names what is left intact). timer = [time, iteration]
+    of the last log line, updated in place. Returns the new bad_steps."""
+    bad = not (math.isfinite(stats['loss']) and math.isfinite(stats['grad_norm']))
+    bad_steps += bad
+    if master and stats.get('sam_skipped'):
+        progress.write(f"iter {it}: SAM ascent gradient norm is {stats['ascent_grad_norm']}; perturbation skipped")
+    if master and bad and bad_steps <= max_bad_steps:
+        progress.write(f"iter {it}: non-finite loss or gradient norm; step skipped ({bad_steps} of max_bad_steps)")
+    progress.update(1)
+    if master and ((it + 1) % log_interval == 0 or it + 1 == max_iters or bad or stats.get('sam_skipped')):
+        record = {'iter': it + 1, 'tokens': (it + 1) * tokens_per_iter, 'lr': lr, **stats,
+                  'tokens_per_s': (it + 1 - timer[1]) * tokens_per_iter / (time.time() - timer[0]),
+                  **({'bad_step': True, 'bad_steps': bad_steps} if bad else {})}
+        append_jsonl(log_path, record)
+        progress.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        timer[:] = [time.time(), it + 1]
+    check(bad_steps <= max_bad_steps, f"non-finite loss ({stats['loss']}) or gradient norm ({stats['grad_norm']}) at "
+          f"iter {it} (bad step {bad_steps}, max_bad_steps={max_bad_steps}); the optimizer did not step; {kept}")
+    return bad_steps
+
+
 def estimate_loss(model, get_batch, n_batches, autocast, rank=0, world_size=1):
     """Mean loss per trained token over the fixed batches get_batch(0..n_batches-1), split across DDP ranks
     (a batch counts by its number of loss_mask tokens, so packed chat data is weighted like one long text)."""
