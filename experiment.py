@@ -87,8 +87,8 @@ check(all(t in tasks for t in task_learning_rates), "task_learning_rates names a
 check(all(lr > 0 for t in tasks for lr in task_learning_rates.get(t, learning_rates)), "learning rates must be > 0")
 check(jobs >= 0, f"jobs must be >= 0, got {jobs}")
 check_choice(config, 'multi_gpu', ('torchrun', 'spread'))
-for method in quantize_methods:
-    check_choice({'quantize_methods': method}, 'quantize_methods', ('nf4', 'fp4', 'int8', 'rtn'))
+check(all(m in ('nf4', 'fp4', 'int8', 'rtn') for m in quantize_methods),
+      f"quantize_methods may hold 'nf4', 'fp4', 'int8', 'rtn'; got {quantize_methods!r}")
 
 n_gpus = torch.cuda.device_count()
 if jobs == 0:
@@ -239,7 +239,8 @@ while todo or running:
         log = open(os.path.join(stage['dir'], 'stage.log'), 'wb')
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env,
                                    preexec_fn=die_with_parent)
-        bar = tqdm(total=1, desc=name, position=1 + slot, leave=False, dynamic_ncols=True, bar_format='{l_bar}{bar}| {n_fmt}/{total_fmt}')
+        bar = tqdm(total=1, desc=name, position=1 + slot, leave=False, dynamic_ncols=True,
+                   bar_format='{l_bar}{bar}| {n_fmt}/{total_fmt}')
         running[name] = (process, log, slot, bar, time.time(), argv)
     time.sleep(0.5)
     for name, (process, log, slot, bar, t0, argv) in list(running.items()):
