@@ -58,6 +58,7 @@ bases = {
 }
 pretrain_args = '--max_iters=1000 --eval_interval=250'
 baseline = 'adamw'  # the base model the others are compared with
+comparisons = {}  # {base: the base it is compared with} where that is not `baseline` (e.g. one baseline per budget)
 seeds = (1337,)  # one pretraining run per base model and seed (--seed: initialisation and data order)
 # fine-tuning: every base model x seed x task x learning rate
 tasks = ('gsm8k', 'stackmathqa', 'starcoder', 'musicpile', 'tulu')
@@ -80,6 +81,8 @@ config = load_config(config_defaults(globals()), sys.argv[1:])
 globals().update(config)
 check(bool(bases) and all(isinstance(v, str) for v in bases.values()), "bases must map names to pretrain.py arguments")
 check(baseline in bases, f"baseline {baseline!r} is not one of the bases: {', '.join(bases)}")
+check(all(a in bases and b in bases and a != b for a, b in comparisons.items()),
+      f"comparisons must map a base model to another base model, got {comparisons!r}")
 check(all(re.fullmatch(r'[\w.-]+', name) for name in bases), "base names may hold letters, digits, '_', '.', '-'")
 check(len(seeds) > 0 and all(type(s) is int for s in seeds), f"seeds must be a tuple of ints, got {seeds!r}")
 check(len(set(seeds)) == len(seeds), f"seeds repeat: {seeds!r}")

@@ -39,6 +39,7 @@ overwrite = False  # allow init_from='scratch' to replace an existing out_dir/ck
 # data
 data_root = 'data'
 dataset = 'wiki_en'
+max_train_tokens = 0  # train on only the first N tokens of the train split (0 = all): more epochs, same budget
 # logging, evaluation, checkpointing (a checkpoint is written at every evaluation)
 eval_interval = 500
 eval_iters = 20
@@ -106,6 +107,7 @@ for key in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_int
 check(n_embd % n_head == 0 and (n_embd // n_head) % 2 == 0, f"n_embd ({n_embd}) / n_head ({n_head}) must be an even integer")
 check(learning_rate > 0 and weight_decay >= 0 and grad_clip >= 0, "learning_rate must be > 0, weight_decay and grad_clip >= 0")
 check(max_bad_steps >= 0, f"max_bad_steps must be >= 0, got {max_bad_steps}")
+check(max_train_tokens >= 0, f"max_train_tokens must be >= 0, got {max_train_tokens}")
 
 ddp, rank, world_size, device, local_accum, dtype, autocast = setup_run(device, dtype, gradient_accumulation_steps, seed)
 master = rank == 0
@@ -119,6 +121,10 @@ if init_from != 'resume' and os.path.exists(ckpt_path) and not overwrite:  # scr
 data_dir = os.path.join(data_root, dataset)
 meta = load_meta(data_dir)
 train_tokens, val_tokens = open_tokens(data_dir, 'train'), open_tokens(data_dir, 'val')
+if max_train_tokens:
+    check(max_train_tokens <= len(train_tokens),
+          f"max_train_tokens ({max_train_tokens:,}) is more than the train split holds ({len(train_tokens):,})")
+    train_tokens = train_tokens[:max_train_tokens]
 
 
 def get_train_batch(it, micro_step):
