@@ -43,7 +43,7 @@ from report import read_json, write_report
 # the README has the measured time). Not a paper setting: four base models of configs/cpu_small.py (262k parameters)
 # trained 1000 steps of 32 x 128 tokens (4.1M tokens, 2.3 epochs of wiki_en_1k, 16 tokens per parameter): the AdamW
 # baseline and the paper's three flatness interventions. Each is fine-tuned on the five tasks' offline stand-ins
-# (100k tokens) at four learning rates, quantized three ways, and its sharpness measured. One seed; for the spread
+# (100k tokens) at eight learning rates, quantized three ways, and its sharpness measured. One seed; for the spread
 # across seeds see configs/experiments/cpu_seeds.py.
 out_dir = 'out/experiment'
 data_root = 'data'
@@ -63,7 +63,7 @@ seeds = (1337,)  # one pretraining run per base model and seed (--seed: initiali
 # fine-tuning: every base model x seed x task x learning rate
 tasks = ('gsm8k', 'stackmathqa', 'starcoder', 'musicpile', 'tulu')
 finetune_config = 'configs/sft/{task}.py'  # {task} is replaced by the task name
-learning_rates = (3e-4, 1e-3, 3e-3, 1e-2)
+learning_rates = (3e-4, 1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 7e-3, 1e-2)  # dense near the top, where the matched loss falls
 task_learning_rates = {}  # {task: (lr, ...)} replaces learning_rates for that task
 # the base model's context and batch; 100k tokens = 24 steps; evaluated at the start and the end only
 finetune_args = '--block_size=0 --batch_size=32 --max_tokens=100000 --val_tokens=32768 --eval_iters=16 --eval_interval=1000'
