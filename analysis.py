@@ -11,6 +11,7 @@ their best ft_losses, each frontier's pt_loss is read there, and forgetting = th
 import json
 import math
 import sys
+import warnings
 
 import numpy as np
 
@@ -98,6 +99,106 @@ def percent_less_forgetting(f_baseline, f_other):
     if not f_baseline > 0:
         return math.nan
     return 100.0 * (f_baseline - f_other) / f_baseline
+
+
+def area_percent_less(baseline_points, other_points, baseline_base_pt, other_base_pt):
+    """The grid-robust companion to the matched-loss figure: % less forgetting over the whole range of fine-tuning
+    losses both frontiers cover, 100 * (area under F_baseline - area under F_other) / area under F_baseline.
+
+    The range runs from the matched threshold (the larger best ft_loss) to the smaller of the two frontiers' right
+    ends. Both frontiers are piecewise linear, so the trapezoid rule on the union of their vertices is exact. One run
+    more or less near the top moves the single-threshold figure by whatever the frontier's steep end does there; here
+    it moves only a sliver of the range. nan when the frontiers share no range or the baseline forgot nothing.
+    """
+    fronts = [frontier(baseline_points), frontier(other_points)]
+    lo, hi = max(f[0][0] for f in fronts), min(f[-1][0] for f in fronts)
+    if not hi > lo:
+        return math.nan
+    xs = np.unique([lo, hi] + [x for f in fronts for x, _ in f if lo < x < hi])
+    areas = [np.trapezoid(np.interp(xs, *np.array(f).T) - base, xs)
+             for f, base in zip(fronts, (baseline_base_pt, other_base_pt))]
+    return percent_less_forgetting(areas[0], areas[1])
+
+
+def sft_figures(seeds, baseline, other):
+    """Both % less figures of `other` against `baseline`: {task: (matched, area)}, each the mean over seeds, and
+    'mean' over the tasks where it is defined. seeds: [{task: {model: (points, base_pt)}}], one dict per seed."""
+    per_task = {}
+    for runs in seeds:
+        for task, models in runs.items():
+            (pb, bb), (po, bo) = models[baseline], models[other]
+            try:
+                matched = matched_forgetting({baseline: pb, other: po}, {baseline: bb, other: bo})['forgetting']
+                values = percent_less_forgetting(matched[baseline], matched[other]), area_percent_less(pb, po, bb, bo)
+            except ValueError:  # a bootstrap replicate drew only diverged runs of one model
+                values = math.nan, math.nan
+            per_task.setdefault(task, []).append(values)
+    figures = {task: tuple(np.mean(values, axis=0)) for task, values in per_task.items()}
+    with warnings.catch_warnings():  # a figure undefined on every task stays nan
+        warnings.simplefilter('ignore', RuntimeWarning)
+        figures['mean'] = tuple(np.nanmean(list(figures.values()), axis=0))  # over the tasks where it is defined
+    return figures
+
+
+def quantization_figures(seeds, baseline, other):
+    """% less quantization forgetting, the mean over seeds: {'%': value}. seeds: [{model: per-batch pretraining-loss
+    increases of the quantized model over the base, on the same batches}]."""
+    return {'%': float(np.mean([percent_less_forgetting(np.mean(s[baseline]), np.mean(s[other])) for s in seeds]))}
+
+
+def resample_runs(runs, rng):
+    """A bootstrap replicate of one seed's fine-tuning sweeps. Every model of a task was swept over the same learning
+    rates (points in the same order), so the same rates are drawn for all of them: a replicate is the comparison
+    as another grid would have made it, without misaligning the two sweeps."""
+    replicate = {}
+    for task, models in runs.items():
+        n = len(next(iter(models.values()))[0])
+        index = rng.integers(n, size=n)
+        replicate[task] = {model: ([points[i] for i in index], base_pt) for model, (points, base_pt) in models.items()}
+    return replicate
+
+
+def resample_batches(increases, rng):
+    """A bootstrap replicate of one seed's evaluation: the same batches drawn for every model (losses are paired)."""
+    index = rng.integers(len(next(iter(increases.values()))), size=len(next(iter(increases.values()))))
+    return {model: np.asarray(values)[index] for model, values in increases.items()}
+
+
+def bootstrap(seeds, figures, resample, n_boot=1000, level=0.95, seed=0):
+    """Percentile bootstrap of figures(seeds) (a dict of numbers or tuples): each replicate draws the pretraining seeds
+    with replacement (when there are several), then resamples within each drawn seed. Returns {key: (estimate, low,
+    high)} with elementwise tuples; replicates where a figure is undefined (nan) are left out of its interval."""
+    rng = np.random.default_rng(seed)
+    estimate = figures(seeds)
+    replicates = []
+    for _ in range(n_boot):
+        drawn = [seeds[i] for i in rng.integers(len(seeds), size=len(seeds))] if len(seeds) > 1 else seeds
+        replicates.append(figures([resample(s, rng) for s in drawn]))
+    def interval(values):  # nan-free percentiles of one figure over the replicates
+        finite = values[np.isfinite(values)]
+        if len(finite) == 0:
+            return math.nan, math.nan
+        tail = 100 * (1 - level) / 2
+        return float(np.percentile(finite, tail)), float(np.percentile(finite, 100 - tail))
+
+    result = {}
+    for key, value in estimate.items():
+        values = np.array([np.atleast_1d(r.get(key, np.nan)) for r in replicates], dtype=float)
+        bounds = [interval(values[:, j]) for j in range(values.shape[1])]
+        if isinstance(value, tuple):
+            result[key] = (tuple(map(float, value)), tuple(b[0] for b in bounds), tuple(b[1] for b in bounds))
+        else:
+            result[key] = (float(value), *bounds[0])
+    return result
+
+
+def verdict(low, high):
+    """What an interval says about % less forgetting."""
+    if low > 0:
+        return 'less forgetting'
+    if high < 0:
+        return 'more forgetting'
+    return 'no detectable difference'
 
 
 def quantization_forgetting(base_pt_loss, quantized_pt_loss):

@@ -76,6 +76,7 @@ evaluate_args = '--batch_size=32 --eval_iters=16'
 jobs = 2  # stages at once (CPU: each gets cpu_count // jobs threads); 0 = one per GPU if multi_gpu='spread', else 1
 multi_gpu = 'torchrun'  # several GPUs: 'torchrun' = pretrain/finetune on all of them | 'spread' = one stage per GPU
 dry_run = False  # print the stages and their state, run nothing
+report_only = False  # rewrite the report from the stage outputs there are, run nothing
 # -----------------------------------------------------------------------------
 config = load_config(config_defaults(globals()), sys.argv[1:])
 globals().update(config)
@@ -212,6 +213,9 @@ print(f"experiment {out_dir}: {len(stages)} stages, {len(stages) - len(todo)} do
 if dry_run:
     for name in todo:
         print(f"  [{states[name]}] {shown(command(stages[name]))}")
+    sys.exit(0)
+if report_only:
+    print(f"report: {write_report(out_dir, stages, config)}")
     sys.exit(0)
 
 started = time.time()

@@ -21,7 +21,9 @@ import sys
 
 import numpy as np
 
-from analysis import frontier, matched_forgetting, percent_less_forgetting, quantization_forgetting
+from analysis import (area_percent_less, bootstrap, frontier, matched_forgetting, percent_less_forgetting,
+                      quantization_figures, quantization_forgetting, resample_batches, resample_runs, sft_figures,
+                      verdict)
 from checkpoint import atomic_path, code_version, write_json
 
 SHARPNESS = {'hessian': ('top Hessian eigenvalue', lambda v: v['top_eigenvalue']),
@@ -29,6 +31,9 @@ SHARPNESS = {'hessian': ('top Hessian eigenvalue', lambda v: v['top_eigenvalue']
              'sam': ('SAM sharpness', lambda v: v['sharpness']),
              'noise': ('noise proxy: loss increase at sigma 0.02',
                        lambda v: v['loss_increase'][int(np.argmin(np.abs(np.array(v['sigmas']) - 0.02)))])}
+BOOTSTRAP_REPLICATES = 1000
+PAPER_TASKS = ('starcoder', 'musicpile', 'tulu', 'gsm8k', 'stackmathqa')
+VERDICT_WORD = {'less forgetting': 'less', 'more forgetting': 'more', 'no detectable difference': 'n.d.'}
 
 
 def read_json(path):
@@ -62,11 +67,17 @@ def percent_cell(values):
     return f"{mean_std(values, '.1f')} [{each}]"
 
 
+def comparison_pairs(config):
+    """{base: the base it is compared with}: the experiment's `comparisons`, else every base against `baseline`."""
+    baseline = config['baseline']
+    return dict(config.get('comparisons') or {b: baseline for b in config['bases'] if b != baseline})
+
+
 def collect(out_dir, stages, config):
-    """Every number of the report, from the stage outputs that exist: {bases, sft, quantization}."""
-    bases, seeds = list(config['bases']), list(config['seeds'])
-    results = {'bases': {}, 'sft': {}, 'quantization': {}}
-    finetunes = {}  # (task, seed) -> base -> [(ft, pt)], base pt loss
+    """Every number of the report, from the stage outputs that exist: {bases, sft, quantization, comparisons}."""
+    bases, seeds, pairs = list(config['bases']), list(config['seeds']), comparison_pairs(config)
+    results = {'bases': {}, 'sft': {}, 'quantization': {}, 'comparisons': {}}
+    finetunes = {}  # (task, seed) -> base -> {lr: (ft, pt)}, base pt losses
     for stage in stages.values():
         if stage['kind'] != 'finetune':
             continue
@@ -75,62 +86,176 @@ def collect(out_dir, stages, config):
             continue
         run = stage['name'].split('/')[1]
         base, seed = run.rsplit('_s', 1)
-        entry = finetunes.setdefault((result['task'], int(seed)), {}).setdefault(base, {'points': [], 'base_pt': []})
-        entry['points'].append((result['final']['ft_val_loss'], result['final']['pt_val_loss']))
+        entry = finetunes.setdefault((result['task'], int(seed)), {}).setdefault(base, {'runs': {}, 'base_pt': []})
+        entry['runs'][result['learning_rate']] = (result['final']['ft_val_loss'], result['final']['pt_val_loss'])
         entry['base_pt'].append(result['base']['pt_val_loss'])
+    batch_increases = {}  # (method, seed) -> base -> per-batch pretraining-loss increase of the quantized model
     for base in bases:
         for seed in seeds:
             run = f'{base}_s{seed}'
             evaluation = {**(read_json(os.path.join(out_dir, 'evaluate', run, 'eval.json')) or {}),
                           **(read_json(os.path.join(out_dir, 'evaluate', f'{run}_quantized', 'eval.json')) or {})}
-            base_ckpt = os.path.join(out_dir, 'pretrain', run, 'ckpt.pt')
-            base_eval = evaluation.get(base_ckpt)
+            base_eval = evaluation.get(os.path.join(out_dir, 'pretrain', run, 'ckpt.pt'))
             if base_eval is None:
                 continue
             record = {'pt_val_loss': base_eval['pretrain_val_loss'], 'sharpness': {}, 'quantized': {}}
+            if base_eval.get('params') and base_eval.get('tokens'):
+                record['tokens_per_parameter'] = base_eval['tokens'] / base_eval['params']['total']
             for measure, value in base_eval['sharpness'].items():
                 record['sharpness'][measure] = SHARPNESS[measure][1](value)
             for method in config['quantize_methods']:
                 q_eval = evaluation.get(os.path.join(out_dir, 'quantize', f'{run}_{method}', 'ckpt.pt'))
-                if q_eval is not None:
-                    record['quantized'][method] = {
-                        'pt_val_loss': q_eval['pretrain_val_loss'],
-                        'forgetting': quantization_forgetting(base_eval['pretrain_val_loss'], q_eval['pretrain_val_loss'])}
+                if q_eval is None:
+                    continue
+                record['quantized'][method] = {
+                    'pt_val_loss': q_eval['pretrain_val_loss'],
+                    'forgetting': quantization_forgetting(base_eval['pretrain_val_loss'], q_eval['pretrain_val_loss'])}
+                per_batch = [q_eval.get('pretrain_val_batch_losses'), base_eval.get('pretrain_val_batch_losses')]
+                batch_increases.setdefault((method, seed), {})[base] = (
+                    np.subtract(*per_batch) if all(per_batch) else [record['quantized'][method]['forgetting']])
             results['bases'].setdefault(base, {})[str(seed)] = record
-    baseline = config['baseline']
     for (task, seed), models in sorted(finetunes.items()):
-        finite = {b: m for b, m in models.items() if any(all(map(math.isfinite, p)) for p in m['points'])}
-        if baseline not in finite or len(finite) < 2:
-            continue
+        finite = {b: m for b, m in models.items() if any(all(map(math.isfinite, p)) for p in m['runs'].values())}
         base_pt = {b: float(np.mean(m['base_pt'])) for b, m in finite.items()}
         entry = {'threshold': {}, 'forgetting': {}, 'baseline_forgetting': {}, 'percent_less': {},
-                 'points': {b: m['points'] for b, m in models.items()},
-                 'frontier': {b: frontier(m['points']) for b, m in finite.items()}}
-        for b in finite:  # each base model against the baseline alone: the paper compares two models at a time
-            if b == baseline:
+                 'area_percent_less': {}, 'baseline': {},
+                 'points': {b: list(m['runs'].values()) for b, m in models.items()},
+                 'learning_rates': {b: list(m['runs']) for b, m in models.items()},
+                 'frontier': {b: frontier(list(m['runs'].values())) for b, m in finite.items()},
+                 'best_at_largest_lr': [b for b, m in finite.items() if best_at_largest_lr(m['runs'])]}
+        for b, a in pairs.items():  # each base model against its baseline alone: the paper compares two models
+            if a not in finite or b not in finite:
                 continue
-            matched = matched_forgetting({baseline: finite[baseline]['points'], b: finite[b]['points']}, base_pt)
+            matched = matched_forgetting({a: list(finite[a]['runs'].values()), b: list(finite[b]['runs'].values())},
+                                         base_pt)
             f = matched['forgetting']
             entry['threshold'][b], entry['forgetting'][b], entry['baseline_forgetting'][b] = \
-                matched['threshold'], f[b], f[baseline]
-            entry['percent_less'][b] = percent_less_forgetting(f[baseline], f[b])
+                matched['threshold'], f[b], f[a]
+            entry['percent_less'][b] = percent_less_forgetting(f[a], f[b])
+            entry['area_percent_less'][b] = area_percent_less(list(finite[a]['runs'].values()),
+                                                              list(finite[b]['runs'].values()), base_pt[a], base_pt[b])
+            entry['baseline'][b] = a
         results['sft'].setdefault(task, {})[str(seed)] = entry
     for method in config['quantize_methods']:
         for seed in seeds:
-            f = {b: results['bases'][b][str(seed)]['quantized'][method]['forgetting'] for b in bases
-                 if method in results['bases'].get(b, {}).get(str(seed), {}).get('quantized', {})}
-            if baseline in f:
-                others = [b for b in f if b != baseline]
+            f = {b: r[str(seed)]['quantized'][method]['forgetting'] for b, r in results['bases'].items()
+                 if method in r.get(str(seed), {}).get('quantized', {})}
+            compared = {b: a for b, a in pairs.items() if a in f and b in f}
+            if compared:
                 results['quantization'].setdefault(method, {})[str(seed)] = {
-                    'forgetting': {b: f[b] for b in others}, 'baseline_forgetting': {b: f[baseline] for b in others},
-                    'percent_less': {b: percent_less_forgetting(f[baseline], f[b]) for b in others}}
+                    'forgetting': {b: f[b] for b in compared},
+                    'baseline_forgetting': {b: f[a] for b, a in compared.items()},
+                    'percent_less': {b: percent_less_forgetting(f[a], f[b]) for b, a in compared.items()}}
+    for b, a in pairs.items():
+        results['comparisons'][b] = compare_with_intervals(finetunes, batch_increases, config, a, b)
     return results
 
 
-def comparison_table(what, rows, baseline, others):
-    """Markdown rows: per task (or quantization method) and base model, the forgetting of the baseline and of the
-    base model (for fine-tuning, at the pair's matched loss) and % less forgetting."""
-    lines = [f'| {what} | ' + ' | '.join(f'{b}: F {baseline} | {b}: F | {b}: % less' for b in others) + ' |',
+def best_at_largest_lr(runs):
+    """True when the sweep's largest learning rate gave the best fine-tuning loss: the frontier's top, where the
+    matched loss is read, may lie beyond the sweep."""
+    finite = {lr: p for lr, p in runs.items() if all(map(math.isfinite, p))}
+    return min(finite, key=lambda lr: finite[lr][0]) == max(runs)
+
+
+def compare_with_intervals(finetunes, batch_increases, config, a, b):
+    """Both % less figures of b against a, with bootstrap intervals (analysis.bootstrap): per task and over tasks
+    after fine-tuning, and per quantization method. Only tasks and seeds where both models have runs count."""
+    seeds = []
+    for seed in config['seeds']:
+        runs = {}
+        for task in config['tasks']:
+            models = finetunes.get((task, seed), {})
+            if a in models and b in models:
+                lrs = [lr for lr in models[a]['runs'] if lr in models[b]['runs']]  # the same grid, in order
+                runs[task] = {m: ([models[m]['runs'][lr] for lr in lrs], float(np.mean(models[m]['base_pt'])))
+                              for m in (a, b)}
+        if runs:
+            seeds.append(runs)
+    tasks = set.intersection(*(set(s) for s in seeds)) if seeds else set()
+    seeds = [{t: s[t] for t in sorted(tasks)} for s in seeds]
+    out = {'baseline': a, 'seeds': len(seeds), 'sft': {}, 'per_seed_mean': {}, 'quantization': {}}
+    if tasks:
+        figures = lambda s: sft_figures(s, a, b)  # noqa: E731
+        boot = bootstrap(seeds, figures, resample_runs, n_boot=BOOTSTRAP_REPLICATES)
+        for key, (estimate, low, high) in boot.items():
+            out['sft'][key] = {name: [estimate[i], low[i], high[i]] for i, name in enumerate(('matched', 'area'))}
+        out['per_seed_mean'] = {str(seed): dict(zip(('matched', 'area'), figures([s])['mean']))
+                                for seed, s in zip(config['seeds'], seeds)}
+    for method in config['quantize_methods']:
+        q_seeds = [batch_increases[(method, seed)] for seed in config['seeds']
+                   if a in batch_increases.get((method, seed), {}) and b in batch_increases[(method, seed)]]
+        if q_seeds:
+            q_seeds = [{m: s[m] for m in (a, b)} for s in q_seeds]
+            estimate, low, high = bootstrap(q_seeds, lambda s: quantization_figures(s, a, b), resample_batches,
+                                            n_boot=BOOTSTRAP_REPLICATES)['%']
+            out['quantization'][method] = [estimate, low, high]
+    return out
+
+
+def interval_cell(figure):
+    """'12.0 [6.3, 16.1] less': estimate, 95% interval, and what the interval says."""
+    if not figure or not math.isfinite(figure[0]):
+        return 'n/a'
+    estimate, low, high = figure
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return f'{estimate:.1f} [no interval]'
+    return f'{estimate:.1f} [{low:.1f}, {high:.1f}] {VERDICT_WORD[verdict(low, high)]}'
+
+
+def summary_lines(results, config):
+    """The verdict: each comparison's two % less figures over tasks and its quantization figures, with intervals."""
+    pairs = comparison_pairs(config)
+    n_seeds = max([c['seeds'] for c in results['comparisons'].values()] or [0])
+    source = ('pretraining seeds drawn with replacement, then fine-tuning runs' if n_seeds > 1 else
+              'fine-tuning runs only (one pretraining seed: the seed-to-seed spread is not in these intervals)')
+    lines = ['## Summary', '',
+             '% less forgetting (positive = forgets less than its baseline), mean over tasks, with 95% bootstrap '
+             f'intervals ({BOOTSTRAP_REPLICATES} replicates; resampled: {source}; quantization: evaluation batches, '
+             'paired). Two figures after fine-tuning: **matched**, the paper\'s, read at one matched fine-tuning '
+             'loss (the larger of the two best); **area**, over the whole range of fine-tuning losses both frontiers '
+             'cover (area between the frontiers / area under the baseline\'s), which one run more or less near the '
+             'top barely moves. `less`/`more`: the interval excludes 0; `n.d.`: no detectable difference.', '',
+             '| base | baseline | SFT matched: % less | SFT area: % less | '
+             + ' | '.join(f'{m}: % less' for m in config['quantize_methods']) + ' |',
+             '|---' * (4 + len(config['quantize_methods'])) + '|']
+    notes = []
+    for b, a in pairs.items():
+        c = results['comparisons'].get(b, {})
+        mean = c.get('sft', {}).get('mean', {})
+        cells = [interval_cell(mean.get('matched')), interval_cell(mean.get('area'))]
+        cells += [interval_cell(c.get('quantization', {}).get(m)) for m in config['quantize_methods']]
+        lines.append(f'| {b} | {a} | ' + ' | '.join(cells) + ' |')
+        for figure in ('matched', 'area'):  # a subset (one seed) that says the opposite of the whole
+            if not mean.get(figure) or verdict(*mean[figure][1:]) == verdict(0, 0):  # nan bounds: no verdict either
+                continue
+            sign = 1 if mean[figure][1] > 0 else -1
+            against = [f'seed {seed}: {v[figure]:.1f}' for seed, v in c['per_seed_mean'].items()
+                       if v[figure] * sign < 0]
+            if against and len(c['per_seed_mean']) > 1:
+                notes.append(f'- {b}, {figure}: the seeds together say {verdict(*mean[figure][1:])}, but '
+                             f'{", ".join(against)} alone says the opposite.')
+    unbracketed = sorted({(task, b) for task, per_seed in results['sft'].items() for r in per_seed.values()
+                          for b in r['best_at_largest_lr']})
+    if unbracketed:
+        notes.append('- The best fine-tuning loss came from the sweep\'s largest learning rate (the frontier\'s top, '
+                     'where the matched loss is read, may lie beyond the sweep): '
+                     + ', '.join(f'{b} on {task}' for task, b in unbracketed) + '.')
+    lines += [''] + (['Notes:', ''] + notes + [''] if notes else [])
+    lines += ['Per task, both figures with intervals:', '',
+              '| task | ' + ' | '.join(f'{b}: matched | {b}: area' for b in pairs) + ' |',
+              '|---' * (1 + 2 * len(pairs)) + '|']
+    for task in config['tasks']:
+        cells = [interval_cell(results['comparisons'].get(b, {}).get('sft', {}).get(task, {}).get(figure))
+                 for b in pairs for figure in ('matched', 'area')]
+        lines.append(f'| {task} | ' + ' | '.join(cells) + ' |')
+    return lines + ['']
+
+
+def comparison_table(what, rows, others):
+    """Markdown rows: per task (or quantization method) and base model, the forgetting of its baseline and of the
+    base model (for fine-tuning, at the pair's matched loss) and % less forgetting (mean ± std over seeds)."""
+    lines = [f'| {what} | ' + ' | '.join(f'{b}: F baseline | {b}: F | {b}: % less' for b in others) + ' |',
              '|---' * (1 + 3 * len(others)) + '|']
     for name, per_seed in rows.items():
         if not per_seed:
@@ -199,8 +324,8 @@ def plot_sharpness(results, config, path):
     method = next((m for m in config['quantize_methods'] if m in results['quantization']), None)
     if not measures:
         return False
-    baseline = config['baseline']
-    rows = [(f'SFT: % less forgetting than {baseline}, mean over tasks', lambda base, seed: 0.0 if base == baseline
+    pairs = comparison_pairs(config)
+    rows = [('SFT: % less forgetting than its baseline,\nmean over tasks', lambda base, seed: 0.0 if base not in pairs
              else finite_mean([results['sft'][t][seed]['percent_less'].get(base) for t in results['sft']
                                if seed in results['sft'][t]]))]
     if method:
@@ -221,6 +346,63 @@ def plot_sharpness(results, config, path):
         fig.savefig(tmp, dpi=110, format='png')
     plt.close(fig)
     return True
+
+
+def plot_regime(results, config, path):
+    """% less forgetting against pretraining tokens per parameter, ours (one point per compared pair, both figures,
+    95% intervals) beside the authors' published small-scale records. Drawn when the pairs span several budgets."""
+    pairs = comparison_pairs(config)
+    tpp = {b: finite_mean([r.get('tokens_per_parameter') for r in results['bases'].get(b, {}).values()]) for b in pairs}
+    if len({round(v) for v in tpp.values() if math.isfinite(v)}) < 2:
+        return False
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    records = read_authors_records()
+    panels = list(config['tasks']) + ['mean'] + [m for m in config['quantize_methods'] if m in ('nf4', 'fp4')]
+    ncols = 4
+    fig, axes = plt.subplots(-(-len(panels) // ncols), ncols, figsize=(4.2 * ncols, 3.4 * -(-len(panels) // ncols)),
+                             squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis('off')
+    for ax, panel in zip(axes.flat, panels):
+        column = '4bit' if panel in ('nf4', 'fp4') else panel
+        for size, marker in (('20M', 'v'), ('60M', 's'), ('150M', '^')):
+            rows = [r for r in records if r['size'] == size]
+            ys = [np.mean([r[t] for t in PAPER_TASKS]) if column == 'mean' else r.get(column) for r in rows]
+            ax.scatter([r['tokens_per_parameter'] for r in rows], ys, marker=marker, color='grey', alpha=0.6, s=18,
+                       label=f'authors {size}')
+        for offset, (figure, color) in enumerate((('matched', 'C0'), ('area', 'C1'))):
+            for b in pairs:
+                c = results['comparisons'].get(b, {})
+                value = c.get('quantization', {}).get(panel) if panel in ('nf4', 'fp4') else \
+                    c.get('sft', {}).get(panel, {}).get(figure)
+                if not value or not math.isfinite(tpp[b]) or (panel in ('nf4', 'fp4') and figure == 'area'):
+                    continue
+                x = tpp[b] * (1.06 if offset else 1 / 1.06)  # the two figures side by side
+                ax.errorbar(x, value[0], yerr=[[max(value[0] - value[1], 0)], [max(value[2] - value[0], 0)]],
+                            fmt='o', color=color, ms=4, capsize=2,
+                            label=None if b != next(iter(pairs)) else 'ours' if panel in ('nf4', 'fp4') else
+                            f'ours, {figure}')
+        ax.axhline(0, color='black', lw=0.6)
+        ax.set_xscale('log')
+        ax.set_title(f'{panel}' + (' (mean over tasks)' if panel == 'mean' else ''))
+        ax.set_xlabel('pretraining tokens per parameter')
+        ax.set_ylabel('% less forgetting (SAM vs AdamW)')
+        ax.set_ylim(max(ax.get_ylim()[0], -150), min(ax.get_ylim()[1], 100))
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format='png')
+    plt.close(fig)
+    return True
+
+
+def read_authors_records():
+    """docs/authors_records.csv: the authors' published small-scale runs, re-analysed (docs/paper.md says how)."""
+    import csv
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'docs', 'authors_records.csv')) as f:
+        return [{k: v if k == 'size' else float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def environment():
@@ -251,13 +433,14 @@ def write_report(out_dir, stages, config):
             invocations = [json.loads(line) for line in f if line.strip()]
     except (OSError, ValueError):  # no record (older runs) or a cut-short line: the report goes without it
         pass
-    baseline, others = config['baseline'], [b for b in config['bases'] if b != config['baseline']]
+    baseline, others = config['baseline'], list(comparison_pairs(config))
     stage_seconds = {}
     for name, stage in stages.items():
         stage_seconds[stage['kind']] = stage_seconds.get(stage['kind'], 0) + markers[name].get('wall_s', 0)
     results['environment'], results['stage_seconds'] = env, stage_seconds
     has_frontiers = plot_frontiers(results, config, os.path.join(out_dir, 'frontiers.png'))
     has_sharpness = plot_sharpness(results, config, os.path.join(out_dir, 'sharpness.png'))
+    has_regime = plot_regime(results, config, os.path.join(out_dir, 'tokens_per_parameter.png'))
 
     lines = [f"# Learning-forgetting experiment: `{out_dir}`", '',
              f"Report written {datetime.datetime.now().isoformat(timespec='seconds')} by "
@@ -271,25 +454,7 @@ def write_report(out_dir, stages, config):
              ', '.join(f'{kind} {s:.0f} s' for kind, s in stage_seconds.items()),
              f"- Base models: {', '.join(config['bases'])} (baseline {baseline}); seeds {list(config['seeds'])}; "
              f"tasks {', '.join(config['tasks'])}; quantization {', '.join(config['quantize_methods'])}", '']
-    lines += ['## Summary', '', f'% less forgetting than {baseline}, averaged over the tasks (each seed\'s mean over tasks, '
-              f'then mean ± std over seeds [per-seed values]), and the number of tasks where the mean over seeds is '
-              f'positive; then each quantization method.', '',
-              '| base | SFT: % less, mean over tasks | tasks with less forgetting | '
-              + ' | '.join(f'{m}: % less' for m in config['quantize_methods']) + ' |',
-              '|---' * (3 + len(config['quantize_methods'])) + '|']
-    for b in others:
-        by_seed = {}
-        for per_seed in results['sft'].values():
-            for seed, r in per_seed.items():
-                by_seed.setdefault(seed, []).append(r['percent_less'].get(b))
-        task_means = [finite_mean([r['percent_less'].get(b) for r in per_seed.values()])
-                      for per_seed in results['sft'].values()]
-        cells = [percent_cell([finite_mean(v) for v in by_seed.values()]),
-                 f'{sum(m > 0 for m in task_means)} of {len(task_means)}']
-        cells += [percent_cell([r['percent_less'].get(b) for r in results['quantization'].get(m, {}).values()])
-                  for m in config['quantize_methods']]
-        lines.append(f'| {b} | ' + ' | '.join(cells) + ' |')
-    lines += ['']
+    lines += summary_lines(results, config)
     lines += ['## Base models', '', '| base | pretraining val loss | ' + ' | '.join(
         SHARPNESS[m][0] for m in SHARPNESS if m in config['sharpness'].split(',')) + ' |',
               '|---' * (2 + sum(m in config['sharpness'].split(',') for m in SHARPNESS)) + '|']
@@ -307,16 +472,21 @@ def write_report(out_dir, stages, config):
                   'Each point is one fine-tuning run (one learning rate); lines are the frontiers (lower convex hulls), '
                   'one per base model and seed; a dotted line is the matched fine-tuning loss of that base model and the '
                   'baseline (one per seed).', '']
-    lines += [f'Each base model is compared with {baseline} alone, as the paper compares two models: the threshold is '
+    lines += ['Each base model is compared with its baseline alone, as the paper compares two models: the threshold is '
               f'the larger of the two best fine-tuning losses, and forgetting F = pretraining val loss on the frontier '
               f"there - the base model's own. % less forgetting (positive = forgets less): mean ± std over seeds "
               f'[per-seed values].', '']
-    lines += comparison_table('task', {task: results['sft'].get(task, {}) for task in config['tasks']}, baseline, others)
+    lines += comparison_table('task', {task: results['sft'].get(task, {}) for task in config['tasks']}, others)
     lines += ['', '## Forgetting after quantization', '',
-              f'F = pretraining val loss of the quantized model - that of the base model (same batches); % less than '
-              f'{baseline}: mean ± std over seeds [per-seed values].', '']
+              'F = pretraining val loss of the quantized model - that of the base model (same batches); % less than '
+              'the baseline: mean ± std over seeds [per-seed values].', '']
     lines += comparison_table('method', {m: results['quantization'].get(m, {}) for m in config['quantize_methods']},
-                              baseline, others)
+                              others)
+    if has_regime:
+        lines += ['', '## Against pretraining tokens per parameter', '', '![% less forgetting against tokens per '
+                  'parameter](tokens_per_parameter.png)', '', 'Each compared pair at its tokens per (total) parameter: '
+                  'both figures with their 95% intervals, beside the authors\' published small-scale runs (20M-150M, '
+                  'SAM vs AdamW, re-analysed with the same matched-loss rule; docs/authors_records.csv).']
     if has_sharpness:
         lines += ['', '## Forgetting against sharpness', '', '![forgetting against sharpness](sharpness.png)', '',
                   'One point per base model and seed.']

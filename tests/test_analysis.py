@@ -7,8 +7,11 @@ import sys
 
 import pytest
 
-from analysis import (frontier, lower_convex_hull, matched_forgetting, percent_less_forgetting, pretrain_loss_at,
-                      quantization_forgetting, score_drop)
+import numpy as np
+
+from analysis import (area_percent_less, bootstrap, frontier, lower_convex_hull, matched_forgetting,
+                      percent_less_forgetting, pretrain_loss_at, quantization_figures, quantization_forgetting,
+                      resample_batches, resample_runs, score_drop, sft_figures, verdict)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 approx = pytest.approx
@@ -98,6 +101,80 @@ def test_percent_quantization_score_drop():
     assert score_drop(50.0, 40.0) == approx(20.0)  # 100 * (50 - 40) / 50
     assert score_drop(50.0, 55.0) == approx(-10.0)  # SAM base above the AdamW base: a negative drop
     assert math.isnan(score_drop(0.0, 1.0))
+
+
+# Frontiers with a known answer: forgetting F(x) = 0.1 / (x - 2.4) for AdamW, steep near the top like the CPU
+# frontiers, and exactly 0.8 F(x) for the other model, so it forgets 20% less at every fine-tuning loss. The two
+# sweeps reach slightly different fine-tuning losses, as two base models do; AdamW's grid has a gap near its top.
+def known_sweep(xs, scale, base=3.0):
+    return [(x, base + scale * 0.1 / (x - 2.4)) for x in xs]
+
+
+KNOWN_ADAMW = known_sweep([3.7, 3.0, 2.7, 2.52], 1.0)
+KNOWN_OTHER = known_sweep([3.72, 3.02, 2.8, 2.58, 2.53], 0.8)
+
+
+def both_figures(adamw, other):
+    f = matched_forgetting({'a': adamw, 'o': other}, {'a': 3.0, 'o': 3.0})['forgetting']
+    return percent_less_forgetting(f['a'], f['o']), area_percent_less(adamw, other, 3.0, 3.0)
+
+
+def test_area_figure_is_exact_for_proportional_piecewise_linear_frontiers():
+    # other's forgetting is half the baseline's at each of the baseline's own vertices: 50% less over any range
+    adamw = [(2.5, 4.0), (2.8, 3.5), (3.4, 3.2)]
+    other = [(x, 3.0 + 0.5 * (y - 3.0)) for x, y in adamw]
+    assert area_percent_less(adamw, other, 3.0, 3.0) == approx(50.0)
+    # different base losses: forgetting is measured from each model's own base
+    assert area_percent_less(adamw, [(x, y + 0.2 - 0.5 * (y - 3.0)) for x, y in adamw], 3.0, 3.2) == approx(50.0)
+    assert math.isnan(area_percent_less([(2.0, 4.0)], [(2.5, 3.0)], 3.0, 3.0))  # no shared range
+
+
+def test_one_learning_rate_near_the_top_moves_the_area_figure_much_less():
+    # the known answer is 20% less at every fine-tuning loss
+    matched, area = both_figures(KNOWN_ADAMW, KNOWN_OTHER)
+    assert area == approx(20, abs=4)
+    # without AdamW's best run the matched loss moves to 2.7, where the other model's frontier interpolates
+    # across a gap: the paper's figure falls from 24% to 7%; the area figure stays near the answer
+    matched_without, area_without = both_figures(KNOWN_ADAMW[:-1], KNOWN_OTHER)
+    assert matched - matched_without > 10
+    assert area_without == approx(20, abs=4)
+    # an extra run near the top (the other model at 2.51) likewise
+    matched_with, area_with = both_figures(KNOWN_ADAMW, KNOWN_OTHER + known_sweep([2.51], 0.8))
+    for m, a in ((matched_without, area_without), (matched_with, area_with)):
+        assert abs(a - area) < abs(m - matched) / 5
+
+
+def test_bootstrap_intervals():
+    # one seed, two tasks, the known sweeps on the same five-rate grid: the interval holds the estimate
+    adamw = known_sweep([3.7, 3.0, 2.7, 2.55, 2.52], 1.0)
+    runs = {task: {'adamw': (adamw, 3.0), 'sam': (KNOWN_OTHER, 3.0)} for task in ('gsm8k', 'tulu')}
+    result = bootstrap([runs], lambda s: sft_figures(s, 'adamw', 'sam'), resample_runs, n_boot=200)
+    (estimate, low, high) = result['mean']
+    assert estimate == approx(sft_figures([runs], 'adamw', 'sam')['gsm8k'])
+    for i in (0, 1):
+        assert low[i] <= estimate[i] <= high[i]
+    assert verdict(low[1], high[1]) == 'less forgetting'  # the area figure: 20% less, clearly
+    # identical models: every replicate says 0
+    same = {'gsm8k': {'adamw': (adamw, 3.0), 'sam': (adamw, 3.0)}}
+    assert bootstrap([same], lambda s: sft_figures(s, 'adamw', 'sam'), resample_runs, n_boot=50)['mean'] == \
+        ((0.0, 0.0), (0.0, 0.0), (0.0, 0.0))
+    assert verdict(-1.0, 2.0) == 'no detectable difference' and verdict(-3.0, -1.0) == 'more forgetting'
+
+
+def test_quantization_interval_pairs_the_batches():
+    # the other model's loss rises by exactly half the baseline's on every batch: every replicate gives 50%,
+    # however different the batches are; unpaired resampling would scatter it
+    rng = np.random.default_rng(0)
+    increases = rng.uniform(0.01, 0.2, size=16)
+    seeds = [{'adamw': increases, 'sam': increases / 2}]
+    estimate, low, high = bootstrap(seeds, lambda s: quantization_figures(s, 'adamw', 'sam'), resample_batches,
+                                    n_boot=100)['%']
+    assert (estimate, low, high) == approx((50.0, 50.0, 50.0))
+    # with seeds, the seeds are resampled too: two seeds at 50% and 10% less give an interval spanning both
+    seeds.append({'adamw': increases, 'sam': increases * 0.9})
+    estimate, low, high = bootstrap(seeds, lambda s: quantization_figures(s, 'adamw', 'sam'), resample_batches,
+                                    n_boot=200)['%']
+    assert estimate == approx(30.0) and low == approx(10.0) and high == approx(50.0)
 
 
 def write_results(tmp_path, runs):

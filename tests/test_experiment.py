@@ -151,3 +151,29 @@ def test_bad_experiment_config_is_one_line(smoke, run_script):
         result = run_script('experiment.py', SMOKE, f'--out_dir={out}', *args)
         assert result.returncode == 2
         assert result.stderr.strip().count('\n') == 0 and phrase in result.stderr, result.stderr
+
+
+def dry_run(preset, tmp_path, *args):
+    result = subprocess.run([sys.executable, os.path.join(REPO, 'experiment.py'), preset, f'--out_dir={tmp_path}/x',
+                             '--dry_run=True', *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def test_long_presets_stage_lists(tmp_path):
+    # the default: 4 base models x 5 tasks x 8 learning rates, dense near the top
+    default = subprocess.run([sys.executable, os.path.join(REPO, 'experiment.py'), f'--out_dir={tmp_path}/d',
+                              '--dry_run=True'], cwd=REPO, capture_output=True, text=True, timeout=600).stdout
+    assert default.count('finetune.py') == 4 * 5 * 8 and '--learning_rate=0.004 ' in default
+    # cpu_seeds: the default's grid at three seeds
+    seeds = '\n'.join(dry_run(os.path.join(REPO, 'configs', 'experiments', 'cpu_seeds.py'), tmp_path))
+    assert seeds.count('finetune.py') == 3 * 4 * 5 * 8
+    # cpu_regime: AdamW and SAM at four budgets x4 apart plus the repetition control, each its own pretraining
+    regime = dry_run(os.path.join(REPO, 'configs', 'experiments', 'cpu_regime.py'), tmp_path)
+    pretrains = [line for line in regime if 'pretrain.py' in line]
+    assert len(pretrains) == 10 and sum('finetune.py' in line for line in regime) == 10 * 5 * 8
+    steps = sorted(int(line.split('--max_iters=')[1].split()[0]) for line in pretrains)
+    assert steps == [200, 200, 800, 800, 3200, 3200, 3200, 3200, 12800, 12800]
+    assert all('--n_embd=32 --vocab_size=258' in line and 'wiki_en_bytes' in line for line in pretrains)
+    assert sum('--max_train_tokens=1140000' in line for line in pretrains) == 2
+    assert sum('--optimizer=sam --sam_rho=0.05' in line for line in pretrains) == 5
