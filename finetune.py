@@ -44,6 +44,7 @@ from checkpoint import (append_jsonl, build_model, code_version, fault_hook, loa
 from config import check, check_choice, config_defaults, fail, load_config
 from data import load_meta, load_tokenizer, open_tokens, sample_chunks, tokenizer_id, val_batch
 from tasks import task_tensors
+from tracking import Tracker, check_installed
 from training import estimate_loss, lr_at, record_step, setup_run, train_step
 
 # -----------------------------------------------------------------------------
@@ -62,6 +63,12 @@ eval_interval = 50
 eval_iters = 20  # pretraining validation batches of batch_size x block_size
 log_interval = 10
 max_bad_steps = 0  # bad steps (non-finite loss/gradient: no optimizer step) to skip before stopping; 0 = stop at once
+# experiment tracking (tracking.py; optional packages): log.jsonl mirrored to Weights & Biases and/or TensorBoard
+wandb_log = False
+wandb_project = 'flatmin'
+wandb_run_name = ''  # '' = out_dir's name
+wandb_group = ''  # e.g. the experiment (experiment.py sets it)
+tensorboard_dir = ''  # '' = off
 # batch: tokens per step = batch_size * gradient_accumulation_steps * block_size (all processes together)
 batch_size = 8  # per process, per micro-step
 block_size = 0  # 0 = the base model's context
@@ -94,6 +101,7 @@ for key in ('max_tokens', 'val_tokens', 'batch_size', 'gradient_accumulation_ste
 check(block_size >= 0, f"block_size must be >= 0 (0 = the base model's), got {block_size}")
 check(0 <= warmup_fraction < 1 and 0 <= min_lr_ratio <= 1, "need 0 <= warmup_fraction < 1 and 0 <= min_lr_ratio <= 1")
 check(learning_rate > 0 and weight_decay >= 0 and grad_clip >= 0, "learning_rate must be > 0, weight_decay and grad_clip >= 0")
+check_installed(config)
 
 ddp, rank, world_size, device, local_accum, dtype, autocast = setup_run(device, dtype, gradient_accumulation_steps, seed)
 master = rank == 0
@@ -136,7 +144,8 @@ model_args['block_size'] = block_size  # RoPE tables are built for it
 config.update(pretrain_data=pretrain_data, block_size=block_size)  # recorded as resolved
 if resume:  # a resumed run must be the run it continues: the same recipe, data and evaluation
     for key in sorted(set(config) - {'out_dir', 'init_from', 'overwrite', 'device', 'compile', 'log_interval',
-                                     'eval_interval', 'max_bad_steps'}):
+                                     'eval_interval', 'max_bad_steps', 'wandb_log', 'wandb_project',
+                                     'wandb_run_name', 'wandb_group', 'tensorboard_dir'}):
         check(config[key] == checkpoint['config'].get(key), f"resume: {key}={config[key]!r} but {ckpt_path} was "
               f"trained with {checkpoint['config'].get(key)!r}; resume with the run's own settings")
 check(meta['vocab_size'] <= model_args['vocab_size'],
@@ -224,6 +233,7 @@ def evaluate(it, lr):
 
 def log(record):
     append_jsonl(log_path, record)
+    tracker.log(record)
 
 
 def save(final):
@@ -250,6 +260,7 @@ if master:
     remove_stale_temp_files(out_dir, ('ckpt.pt', 'result.json', 'log.jsonl'))  # a killed run's half-written files
     if resume and iter_num == max_iters:
         print(f"{ckpt_path} already finished {max_iters} iterations")
+tracker = Tracker(config, out_dir, 'finetune', iter_num if resume else None, enabled=master)
 
 # training loop -------------------------------------------------------------------
 progress = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, desc=f'finetune {task}')
@@ -269,9 +280,10 @@ while True:
     stats = train_step(model, optimizer, micro_batches, autocast, grad_clip)
     bad_steps = record_step(stats, iter_num, lr, bad_steps, max_bad_steps, progress, log_path, tokens_per_iter,
                             log_interval, max_iters, timer, master,
-                            f"{result_path} and the last checkpoint ({ckpt_path}, if any) are kept")
+                            f"{result_path} and the last checkpoint ({ckpt_path}, if any) are kept", tracker)
     iter_num += 1
 progress.close()
+tracker.close()
 if ddp:  # wait for rank 0's checkpoint: a rank tearing gloo down first can abort (SIGABRT) the other
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()

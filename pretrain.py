@@ -27,6 +27,7 @@ from data import load_meta, open_tokens, tokenizer_id, train_batch, val_batch
 from hf import hf_checkpoint, is_hf_source
 from model import GPT, GPTConfig
 from sam import SAM
+from tracking import Tracker, check_installed
 from training import estimate_loss, lr_at, record_step, setup_run, train_step
 
 # -----------------------------------------------------------------------------
@@ -46,6 +47,12 @@ eval_iters = 20
 log_interval = 10
 stop_at_iter = -1  # stop (with a checkpoint) here while scheduling for max_iters; -1 = run to the end
 max_bad_steps = 0  # bad steps (non-finite loss/gradient: no optimizer step) to skip before stopping; 0 = stop at once
+# experiment tracking (tracking.py; optional packages): log.jsonl mirrored to Weights & Biases and/or TensorBoard
+wandb_log = False
+wandb_project = 'flatmin'
+wandb_run_name = ''  # '' = out_dir's name
+wandb_group = ''  # e.g. the experiment (experiment.py sets it)
+tensorboard_dir = ''  # '' = off
 # batch: tokens per step = batch_size * gradient_accumulation_steps * block_size (all processes together)
 batch_size = 32  # per process, per micro-step
 block_size = 1024
@@ -108,6 +115,7 @@ check(n_embd % n_head == 0 and (n_embd // n_head) % 2 == 0, f"n_embd ({n_embd}) 
 check(learning_rate > 0 and weight_decay >= 0 and grad_clip >= 0, "learning_rate must be > 0, weight_decay and grad_clip >= 0")
 check(max_bad_steps >= 0, f"max_bad_steps must be >= 0, got {max_bad_steps}")
 check(max_train_tokens >= 0, f"max_train_tokens must be >= 0, got {max_train_tokens}")
+check_installed(config)
 
 ddp, rank, world_size, device, local_accum, dtype, autocast = setup_run(device, dtype, gradient_accumulation_steps, seed)
 master = rank == 0
@@ -211,6 +219,7 @@ def save():
 
 def log(record):
     append_jsonl(log_path, record)
+    tracker.log(record)
 
 
 git_commit = code_version()  # once: the code this run started with
@@ -219,6 +228,7 @@ if master:
     remove_stale_temp_files(out_dir, ('ckpt.pt', 'log.jsonl'))  # a killed run's half-written files
     if iter_num >= max_iters:
         print(f"{ckpt_path} already finished {max_iters} iterations")
+tracker = Tracker(config, out_dir, 'pretrain', iter_num if init_from == 'resume' else None, enabled=master)
 
 # training loop ----------------------------------------------------------------
 progress = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, desc='pretrain')
@@ -243,9 +253,11 @@ while True:
     micro_batches = [get_train_batch(iter_num, rank * local_accum + m) for m in range(local_accum)]
     stats = train_step(model, base_optimizer, micro_batches, autocast, grad_clip, sam if use_sam else None, z_loss)
     bad_steps = record_step(stats, iter_num, lr, bad_steps, max_bad_steps, progress, log_path, tokens_per_iter,
-                            log_interval, max_iters, timer, master, f"the last good checkpoint ({ckpt_path}) is kept")
+                            log_interval, max_iters, timer, master, f"the last good checkpoint ({ckpt_path}) is kept",
+                            tracker)
     iter_num += 1
 progress.close()
+tracker.close()
 if ddp:  # wait for rank 0's last checkpoint: a rank tearing gloo down first can abort (SIGABRT) the other
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()

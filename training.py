@@ -132,12 +132,12 @@ def train_step(model, optimizer, micro_batches, autocast, grad_clip, sam=None, z
 
 @torch.no_grad()
 def record_step(stats, it, lr, bad_steps, max_bad_steps, progress, log_path, tokens_per_iter, log_interval, max_iters,
-                timer, master, kept):
+                timer, master, kept, tracker=None):
     """After train_step took step `it` (so iteration it + 1 is reached): count it as bad if its loss or gradient norm
     is not finite (train_step did not step), say so and say when SAM skipped its perturbation, advance the progress
     bar, append the log line (every log_interval, at the end, and on every bad or SAM-skipped step), and stop with one
     line once more than max_bad_steps steps were bad (`kept` names what is left intact). timer = [time, iteration]
-    of the last log line, updated in place. Returns the new bad_steps."""
+    of the last log line, updated in place. tracker (tracking.Tracker) mirrors the log line. Returns the new bad_steps."""
     bad = not (math.isfinite(stats['loss']) and math.isfinite(stats['grad_norm']))
     bad_steps += bad
     if master and stats.get('sam_skipped'):
@@ -150,6 +150,8 @@ def record_step(stats, it, lr, bad_steps, max_bad_steps, progress, log_path, tok
                   'tokens_per_s': (it + 1 - timer[1]) * tokens_per_iter / (time.time() - timer[0]),
                   **({'bad_step': True, 'bad_steps': bad_steps} if bad else {})}
         append_jsonl(log_path, record)
+        if tracker is not None:
+            tracker.log(record)
         progress.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         timer[:] = [time.time(), it + 1]
     check(bad_steps <= max_bad_steps, f"non-finite loss ({stats['loss']}) or gradient norm ({stats['grad_norm']}) at "
