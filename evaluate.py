@@ -3,6 +3,13 @@ Evaluate checkpoints (base, fine-tuned, quantized) on the same data: pretraining
 fine-tuning task validation loss (learning) and, optionally, sharpness.
 
     python evaluate.py --checkpoints='out/a/ckpt.pt,out/b/ckpt.pt' --tasks='gsm8k' --sharpness='noise,hessian,trace,sam' --out=out/eval.json
+    python evaluate.py --checkpoints='out/sam/ckpt.pt,out/sam_nf4/ckpt.pt' --lm_eval_tasks=arc_challenge,hellaswag \
+        --lm_eval_num_fewshot=0 --lm_eval_limit=500      # benchmark scores with lm-evaluation-harness
+    python evaluate.py --checkpoints=hf:allenai/OLMo-2-0425-1B --hf_revision=stage1-step1907359-tokens4001B \
+        --pretrain_data=data/dolmino --lm_eval_tasks=arc_challenge   # a Hugging Face model (hf.py) as any checkpoint
+
+Checkpoints: ours (pretrain.py's, finetune.py's, quantize.py's) or Hugging Face models (hf:NAME with hf_revision, or a
+local directory), the latter with pretrain_data prepared with their tokenizer.
 
 Pretraining validation: the first eval_iters fixed batches (data.val_batch) of batch_size x block_size tokens of one
 prepared dataset for the whole run - pretrain_data, else the first checkpoint's data_root/dataset - so every
@@ -21,8 +28,17 @@ Sharpness (sharpness.py, float32, eval mode, on pretraining validation batches):
   sam      L(w + sam_rho g/||g||) - L(w)
 hessian, trace and sam use the first sharpness_batches of the validation batches (HVPs are costly).
 
+Benchmarks (lm_eval_tasks; lm-evaluation-harness 0.4, an optional package): the model is handed to lm-eval's HFLM as
+the transformers model export_hf.py would write (hf.to_transformers: the same weights in memory, no export step) with
+its tokenizer converted from ours, so lm-eval's own request handling (context/continuation splitting, batching,
+generation, stop sequences) applies unchanged. A quantized checkpoint is evaluated with its dequantized weights:
+exactly the numbers quantize.py's 4-bit model computes with, the same weights its losses here come from.
+lm_eval_include_path adds a directory of task YAMLs (lm-eval's TaskManager include_path). Each task's score is its
+first metric of lm_eval_score_metrics; `score` is their mean over the tasks that have one (analysis.score_drop).
+
 Output (JSON, rewritten atomically after each checkpoint, so a long run keeps what it finished):
   {checkpoint: {pretrain_val_loss, pretrain_ppl, tasks: {task: {loss, ppl, tokens}}, sharpness: {measure: {...}},
+                lm_eval: {score, scores: {task: score}, results: {task: {metric: value}}, settings} (lm_eval_tasks),
                 cost: {pretrain_val | task:<name> | <measure>: {seconds, forward_passes | hvps, ...}},
                 iter_num, tokens, quantization: {method, rel_error, bytes_after} (quantized checkpoints only),
                 eval: {data_dir, eval_iters, batch_size, block_size, dtype}}}
@@ -36,11 +52,13 @@ import time
 from checkpoint import build_model, load_checkpoint, load_model, write_json
 from config import check, check_choice, config_defaults, fail, load_config
 from data import load_meta, load_tokenizer, open_tokens, tokenizer_id, val_batch
+from hf import hf_as_checkpoint, is_hf_source
 from sharpness import hessian_trace, noise_proxy, sam_sharpness, top_hessian_eigenvalue
 from training import autocast_context, estimate_loss, setup_device
 
 # -----------------------------------------------------------------------------
-checkpoints = ''  # comma-separated checkpoint paths
+checkpoints = ''  # comma-separated checkpoint paths (or Hugging Face models: hf:NAME, directories)
+hf_revision = ''  # for hf:NAME checkpoints: Hub branch, tag or commit ('' = main)
 out = 'out/eval.json'
 pretrain_data = ''  # prepared dataset directory; '' = the first checkpoint's data_root/dataset
 eval_iters = 16  # pretraining validation batches (the CPU presets' 16 x 16 x 256 = the whole wiki_en val split)
@@ -58,7 +76,15 @@ hessian_iters = 20
 hessian_tol = 1e-3
 trace_samples = 10
 sam_rho = 0.05
-seed = 1337  # noise directions, Lanczos start vector, Hutchinson probes
+seed = 1337  # noise directions, Lanczos start vector, Hutchinson probes (and lm-eval's few-shot sampling)
+# benchmarks with lm-evaluation-harness (optional package lm-eval)
+lm_eval_tasks = ''  # comma-separated lm-eval task or group names, e.g. arc_challenge,hellaswag
+lm_eval_num_fewshot = -1  # -1 = each task's default
+lm_eval_limit = 0  # examples per task; 0 = all
+lm_eval_batch_size = 16
+lm_eval_include_path = ''  # a directory of extra task YAMLs
+lm_eval_builtin_tasks = True  # False: only lm_eval_include_path's tasks (saves indexing lm-eval's ~15k task files)
+lm_eval_score_metrics = ('acc_norm', 'acc', 'exact_match', 'f1')  # a task's score: the first of these it reports
 device = 'auto'
 dtype = 'float32'  # losses only ('bfloat16' autocast); sharpness is always float32
 # -----------------------------------------------------------------------------
@@ -82,11 +108,40 @@ check(len(noise_sigmas) > 0 and all(isinstance(s, (int, float)) and s >= 0 for s
       f"noise_sigmas must be a non-empty list of numbers >= 0, got {noise_sigmas!r}")
 check(hessian_tol >= 0 and sam_rho > 0, "hessian_tol must be >= 0 and sam_rho > 0")
 check(not os.path.isdir(out), f"out {out} is a directory; give a file path such as out/eval.json")
+lm_tasks = [t.strip() for t in lm_eval_tasks.split(',') if t.strip()]
+check(lm_eval_num_fewshot >= -1 and lm_eval_limit >= 0 and lm_eval_batch_size > 0,
+      "need lm_eval_num_fewshot >= -1, lm_eval_limit >= 0 and lm_eval_batch_size > 0")
+check(not lm_eval_include_path or os.path.isdir(lm_eval_include_path),
+      f"lm_eval_include_path {lm_eval_include_path} is not a directory")
+if lm_tasks:
+    try:
+        import lm_eval
+        import lm_eval.tasks
+        from lm_eval.models.huggingface import HFLM
+        import transformers
+    except ImportError as e:
+        fail(f"lm_eval_tasks needs the optional packages lm-eval and transformers ({e}); "
+             f"pip install -r requirements-hf.txt")
+    import logging
+    for name in ('lm-eval', 'lm_eval', 'transformers'):  # per-request warnings; errors still show
+        logging.getLogger(name).setLevel(logging.ERROR)
+    transformers.logging.set_verbosity_error()
+    task_manager = lm_eval.tasks.TaskManager(include_path=lm_eval_include_path or None,
+                                             include_defaults=lm_eval_builtin_tasks)
+    unknown = [t for t in lm_tasks if t not in task_manager.all_tasks]
+    if unknown:
+        fail(f"lm-eval knows no task {unknown[0]!r} (lm_eval --tasks list shows them; lm_eval_include_path adds a "
+             f"directory of task YAMLs)")
 
 # checkpoints and data: all validated before any work ------------------------
 infos = {}
+def load_source(path):
+    """The checkpoint dict of one of ours, or of a Hugging Face model (hf.py; it needs pretrain_data)."""
+    return hf_as_checkpoint(path, hf_revision, pretrain_data, 'checkpoints') if is_hf_source(path) else load_checkpoint(path)
+
+
 for path in paths:
-    ckpt = load_checkpoint(path)  # fails on missing / corrupt; the model itself is loaded later, one at a time
+    ckpt = load_source(path)  # fails on missing / corrupt; the model itself is loaded later, one at a time
     build_model(ckpt['model_args'], ckpt['model'], path, check_only=True)  # weights of another architecture
     infos[path] = {k: ckpt.get(k) for k in ('model_args', 'config', 'tokenizer', 'iter_num', 'tokens', 'quantization')}
     del ckpt
@@ -111,15 +166,39 @@ _, _, _, device = setup_device(device)
 autocast = autocast_context(device, dtype)
 val_batches = [(*val_batch(val_data, block_size, batch_size, i, device), None) for i in range(eval_iters)]
 task_data = {}
+enc = load_tokenizer(meta) if task_names or lm_tasks else None
+if lm_tasks:
+    from hf import hf_tokenizer, to_transformers
 if task_names:
     import tasks as task_lib  # only when asked for: pretraining-only evaluation needs none of its dependencies
-    enc = load_tokenizer(meta)
     for task in task_names:
         # the validation split does not depend on seed (tasks.py draws it from its own fixed stream)
         x, y, mask = task_lib.task_tensors(task, 'val', enc, block_size, max_tokens=val_tokens, seed=1337,
                                            source=source)
         check(len(x) > 0 and mask.any(), f"task {task} has an empty validation set")
         task_data[task] = (x, y, mask)
+
+
+def lm_eval_scores(model):
+    """lm-evaluation-harness on our model (see the docstring): {score, scores, results, settings}."""
+    lm = HFLM(pretrained=to_transformers(model, enc), tokenizer=hf_tokenizer(enc), batch_size=lm_eval_batch_size,
+              max_length=model.config.block_size)
+    output = lm_eval.simple_evaluate(model=lm, tasks=lm_tasks, task_manager=task_manager, limit=lm_eval_limit or None,
+                                     num_fewshot=None if lm_eval_num_fewshot < 0 else lm_eval_num_fewshot,
+                                     random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                     fewshot_random_seed=seed, log_samples=False)
+    results = {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+               for task, metrics in output['results'].items()}
+    scores = {}
+    for task in lm_tasks:
+        for metric in lm_eval_score_metrics:
+            found = [v for k, v in results.get(task, {}).items() if k.split(',')[0] == metric]
+            if found:
+                scores[task] = found[0]
+                break
+    return {'score': sum(scores.values()) / len(scores) if scores else None, 'scores': scores, 'results': results,
+            'settings': {'tasks': lm_tasks, 'num_fewshot': lm_eval_num_fewshot, 'limit': lm_eval_limit,
+                         'score_metrics': list(lm_eval_score_metrics), 'lm_eval_version': lm_eval.__version__}}
 
 
 def timed(fn, *args, **kwargs):
@@ -132,7 +211,12 @@ def timed(fn, *args, **kwargs):
 results = {}
 for path in paths:
     info = infos[path]
-    model, _ = load_model(path, device)  # float32, eval mode
+    if is_hf_source(path):
+        source = load_source(path)
+        model = build_model(source['model_args'], source['model'], path).to(device).eval()
+        del source
+    else:
+        model, _ = load_model(path, device)  # float32, eval mode
     print(f"{path}: iter {info['iter_num']}" + (f", {info['quantization']['method']}" if info['quantization'] else ''))
     loss, seconds = timed(estimate_loss, model, lambda i: val_batches[i], eval_iters, autocast)
     # per batch too: the report's intervals on quantization forgetting resample these batches (paired across models)
@@ -173,6 +257,11 @@ for path in paths:
         result['sharpness'][m], result['cost'][m] = value, cost
         counts = ', '.join(f'{v} {k}' for k, v in cost.items() if k != 'seconds')
         print(f"  {m}: {summary} [{cost['seconds']:.1f} s, {counts}]")
+    if lm_tasks:
+        result['lm_eval'], seconds = timed(lm_eval_scores, model)
+        result['cost']['lm_eval'] = {'seconds': seconds}
+        scores = ', '.join(f'{t} {s:.4f}' for t, s in result['lm_eval']['scores'].items())
+        print(f"  lm-eval: {scores or 'no task reports a score metric'} in {seconds:.1f} s")
     results[path] = result
     write_json(results, out)
     del model

@@ -1,7 +1,7 @@
 """
 Hugging Face interop: OLMo-2 checkpoints in, any of our checkpoints out.
 
-In (pretrain.py / finetune.py --init_from=...):
+In (pretrain.py, finetune.py, quantize.py --init_from=..., evaluate.py --checkpoints=...):
     hf:allenai/OLMo-2-0425-1B     a hub model (with hf_revision=<branch, tag or commit>, e.g. the stage-1
                                   checkpoint stage1-step1907359-tokens4001B); downloaded once into the Hub cache
     path/to/dir                   a local directory holding config.json and *.safetensors (or pytorch_model*.bin)
@@ -29,8 +29,8 @@ import tempfile
 
 import torch
 
-from config import fail
-from data import EOT, bytes_to_unicode, load_tokenizer, open_tokens
+from config import check, fail
+from data import EOT, bytes_to_unicode, load_meta, load_tokenizer, open_tokens
 
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json')
 HUB_FILES = ['config.json', 'generation_config.json', '*.safetensors', 'model.safetensors.index.json', *TOKENIZER_FILES]
@@ -213,6 +213,20 @@ def hf_checkpoint(source, revision='', meta=None):
         tokenizer = meta['tokenizer']
     return {'model': state, 'model_args': model_args, 'config': {}, 'tokenizer': tokenizer, 'hf_source': where}
 
+
+def hf_as_checkpoint(source, revision, pretrain_data, key='init_from'):
+    """hf_checkpoint for the scripts that take any checkpoint (finetune.py, quantize.py, evaluate.py): pretrain_data, a
+    dataset prepared with the model's tokenizer, is required (the tokenizer is checked against it) and recorded as our
+    checkpoints record their data, so later stages find the tokenizer and the forgetting data as they do for ours."""
+    check(pretrain_data, f"{key}={source} is a Hugging Face checkpoint: pass --pretrain_data=<a dataset prepared with "
+          f"its tokenizer> (OLMo-2: prepare.py --tokenizer=cl100k_base)")
+    meta = load_meta(pretrain_data)
+    checkpoint = hf_checkpoint(source, revision, meta)
+    data_root, dataset = os.path.split(os.path.normpath(pretrain_data))
+    checkpoint.update(config={'data_root': data_root, 'dataset': dataset}, dataset=dataset,
+                      data_fingerprint=meta.get('fingerprint'))
+    return checkpoint
+
 # -----------------------------------------------------------------------------
 # export
 
@@ -275,13 +289,27 @@ def onig_pattern(pat_str):
     return re.sub(r'(\{\d+(?:,\d*)?\})\+', r'\1', pat_str).replace('$', r'\z')  # x{1,3}+
 
 
-def write_tokenizer(enc, directory):
-    """tokenizer.json and tokenizer_config.json for transformers' AutoTokenizer."""
+def hf_tokenizer(enc):
+    """transformers' tokenizer for the tiktoken Encoding enc (eos <|endoftext|>)."""
     from transformers import PreTrainedTokenizerFast
     special = enc._special_tokens
-    PreTrainedTokenizerFast(tokenizer_object=tiktoken_to_hf(enc), eos_token=EOT if EOT in special else None,
-                            pad_token='<|pad|>' if '<|pad|>' in special else None,
-                            model_max_length=None).save_pretrained(directory)
+    return PreTrainedTokenizerFast(tokenizer_object=tiktoken_to_hf(enc), eos_token=EOT if EOT in special else None,
+                                   pad_token='<|pad|>' if '<|pad|>' in special else None, model_max_length=None)
+
+
+def write_tokenizer(enc, directory):
+    """tokenizer.json and tokenizer_config.json for transformers' AutoTokenizer."""
+    hf_tokenizer(enc).save_pretrained(directory)
+
+
+def to_transformers(model, enc=None):
+    """Our GPT as the transformers model (Olmo2ForCausalLM / LlamaForCausalLM) that export_hf.py would write, in
+    memory: the same weights, float32, eval mode."""
+    import transformers
+    from dataclasses import asdict
+    hf_model = transformers.AutoModelForCausalLM.from_config(hf_config(asdict(model.config), enc), dtype=torch.float32)
+    hf_model.load_state_dict(export_state(model))
+    return hf_model.to(next(model.parameters()).device).eval()
 
 
 def export_state(model):
