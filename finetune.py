@@ -5,6 +5,8 @@ Supervised fine-tuning (SFT) of a base checkpoint, measuring learning and forget
     python finetune.py configs/sft/gsm8k.py --init_from=resume --learning_rate=3e-4   # continue out_dir/ckpt.pt
     torchrun --standalone --nproc_per_node=8 finetune.py configs/sft/starcoder.py --init_from=out/sam_60m/ckpt.pt \
         --batch_size=8 --block_size=1024 --max_tokens=10000000 --device=cuda   # the paper's setting (see configs/sft/)
+    python finetune.py configs/sft/metamath.py --source=hub --init_from=hf:allenai/OLMo-2-0425-1B \
+        --pretrain_data=data/dolmino   # a Hugging Face model (hf.py), forgetting on data prepared with its tokenizer
 
 The paper's post-training recipe: AdamW with a fresh state, linear warmup over warmup_fraction of the steps, then
 cosine decay to min_lr_ratio x peak, weight decay 0.1, max_tokens fine-tuning tokens (fewer if the task's training
@@ -43,6 +45,7 @@ from checkpoint import (append_jsonl, build_model, code_version, fault_hook, loa
                         save_checkpoint, truncate_log, write_json)
 from config import check, check_choice, config_defaults, fail, load_config
 from data import load_meta, load_tokenizer, open_tokens, sample_chunks, tokenizer_id, val_batch
+from hf import hf_as_checkpoint, is_hf_source
 from tasks import task_tensors
 from tracking import Tracker, check_installed
 from training import estimate_loss, lr_at, record_step, setup_run, train_step
@@ -50,7 +53,9 @@ from training import estimate_loss, lr_at, record_step, setup_run, train_step
 # -----------------------------------------------------------------------------
 # defaults: the paper's small-model SFT recipe on one process; configs/sft/ override them
 out_dir = 'out/finetune'
-init_from = ''  # required: the base model's checkpoint (pretrain.py's, or finetune.py's), or 'resume' (out_dir/ckpt.pt)
+init_from = ''  # required: the base model's checkpoint (pretrain.py's, or finetune.py's), or 'resume' (out_dir/ckpt.pt),
+# or a Hugging Face model: hf:NAME or a local directory (needs pretrain_data prepared with its tokenizer; see hf.py)
+hf_revision = ''  # with init_from=hf:NAME: Hub branch, tag or commit ('' = main)
 overwrite = False  # allow replacing an existing out_dir/result.json and ckpt.pt
 # task (see tasks.py)
 task = 'gsm8k'  # gsm8k | stackmathqa | starcoder | musicpile | tulu | metamath | french | path of a .jsonl file
@@ -119,7 +124,8 @@ else:
 
 # base model (or the run to resume) and its pretraining data ----------------------
 source_path = ckpt_path if resume else init_from
-checkpoint = load_checkpoint(source_path, map_location=device)
+checkpoint = (hf_as_checkpoint(init_from, hf_revision, pretrain_data) if not resume and is_hf_source(init_from) else
+              load_checkpoint(source_path, map_location=device))
 if resume:
     check('finetune' in checkpoint and 'result' in checkpoint, f"resume: {ckpt_path} was not written by finetune.py "
           f"(or by a version that could not resume)")

@@ -3,6 +3,7 @@ Post-training weight quantization, no calibration data (the paper's "forgetting 
 
     python quantize.py --init_from=out/cpu_sam/ckpt.pt --method=nf4 --out_dir=out/cpu_sam_nf4
     python quantize.py --init_from=out/cpu_sam/ckpt.pt --method=rtn --bits=3 --group_size=64 --out_dir=out/sam_rtn3
+    python quantize.py --init_from=hf:allenai/OLMo-2-0425-1B --pretrain_data=data/dolmino --out_dir=out/olmo2_1b_nf4
 
 Methods (every nn.Linear weight of the transformer blocks; quantize_embeddings / quantize_head add wte / lm_head,
 which Hugging Face's load_in_4bit / load_in_8bit also leave in full precision by default):
@@ -39,8 +40,9 @@ import time
 import torch
 import torch.nn as nn
 
-from checkpoint import code_version, load_model, save_checkpoint, write_json
+from checkpoint import build_model, code_version, load_model, save_checkpoint, write_json
 from config import check, check_choice, config_defaults, fail, load_config
+from hf import hf_as_checkpoint, is_hf_source
 
 # bitsandbytes' CPU backend logs a warning at import when an optional Hub kernel is absent (not used here);
 # silenced so that a bad-input error stays the only line on stderr
@@ -48,7 +50,9 @@ logging.getLogger('bitsandbytes').setLevel(logging.ERROR)
 import bitsandbytes.functional as bnbF  # noqa: E402
 
 # -----------------------------------------------------------------------------
-init_from = ''  # checkpoint to quantize
+init_from = ''  # checkpoint to quantize: ours, or a Hugging Face model (hf:NAME or a directory; see hf.py)
+hf_revision = ''  # with init_from=hf:NAME: Hub branch, tag or commit ('' = main)
+pretrain_data = ''  # Hugging Face init_from only: a dataset prepared with its tokenizer (checked, and recorded)
 out_dir = ''
 overwrite = False  # allow replacing out_dir/ckpt.pt
 method = 'nf4'  # 'nf4' | 'fp4' | 'int8' | 'rtn'
@@ -83,7 +87,11 @@ if os.path.exists(ckpt_path) and not overwrite:
     fail(f"{ckpt_path} exists: pick another --out_dir or pass --overwrite=True")
 
 # model ------------------------------------------------------------------------
-model, source = load_model(init_from)
+if is_hf_source(init_from):
+    source = hf_as_checkpoint(init_from, hf_revision, pretrain_data)
+    model = build_model(source['model_args'], source['model'], init_from).eval()
+else:
+    model, source = load_model(init_from)
 if 'quantization' in source:
     fail(f"{init_from} is already quantized ({source['quantization'].get('method')}); quantize the original checkpoint")
 names = [f'blocks.{name}.weight' for name, m in model.blocks.named_modules() if isinstance(m, nn.Linear)]
@@ -163,7 +171,7 @@ model_bytes_before = sum(map(nbytes, state.values()))
 settings = ({'bits': bits, 'group_size': group_size, 'symmetric': symmetric} if method == 'rtn'
             else {'blocksize': blocksize, 'double_quant': double_quant})
 record = {
-    'method': method, **settings, 'source': os.path.abspath(init_from),
+    'method': method, **settings, 'source': source.get('hf_source') or os.path.abspath(init_from),
     'quantize_embeddings': quantize_embeddings, 'quantize_head': quantize_head, 'tensors': tensors,
     'bytes_before': bytes_before, 'bytes_after': bytes_after, 'shared_map_bytes': sum(shared_maps.values()),
     'model_bytes_before': model_bytes_before, 'model_bytes_after': model_bytes_before - bytes_before + bytes_after,
