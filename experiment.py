@@ -72,6 +72,15 @@ quantize_methods = ('nf4', 'fp4', 'int8')
 quantize_args = ''
 sharpness = 'noise,hessian,sam'  # evaluate.py --sharpness, on the base models
 evaluate_args = '--batch_size=32 --eval_iters=16'
+# forgetting as a benchmark-score drop (the paper's 1B measure): lm-eval tasks scored by evaluate.py on every base,
+# fine-tuned and quantized model ('' = off; adds benchmark/ stages only, the other stages and their keys stay as they are)
+lm_eval_tasks = ''
+lm_eval_args = ''  # more evaluate.py arguments for them, e.g. --lm_eval_num_fewshot=0 --lm_eval_limit=1000
+# tracking of pretraining and fine-tuning (tracking.py): W&B run group = the experiment's out_dir name, job type = the
+# stage kind; TensorBoard files in each stage's directory. Not part of the stage keys: switching it redoes nothing.
+wandb_log = False
+wandb_project = 'flatmin'
+tensorboard = False
 # hardware
 jobs = 2  # stages at once (CPU: each gets cpu_count // jobs threads); 0 = one per GPU if multi_gpu='spread', else 1
 multi_gpu = 'torchrun'  # several GPUs: 'torchrun' = pretrain/finetune on all of them | 'spread' = one stage per GPU
@@ -163,6 +172,17 @@ for base, base_args in bases.items():
             add_stage(f'evaluate/{run}_quantized', 'evaluate', 'evaluate.py',
                       [f"--checkpoints={','.join(quantized)}", f'--out={out_dir}/evaluate/{run}_quantized/eval.json',
                        *eval_common], 'eval.json', [f'quantize/{run}_{m}' for m in quantize_methods])
+        if lm_eval_tasks:  # benchmark scores of the base model and of each fine-tuned and quantized model
+            finetuned = {f'{task}_lr{lr:g}': os.path.join(out_dir, 'finetune', run, f'{task}_lr{lr:g}', 'ckpt.pt')
+                         for task in tasks for lr in task_learning_rates.get(task, learning_rates)}
+            for name, checkpoints, deps in [(run, [base_ckpt], [f'pretrain/{run}']),
+                                            (f'{run}_quantized', quantized, [f'quantize/{run}_{m}' for m in quantize_methods]),
+                                            *[(f'{run}/{ft}', [path], [f'finetune/{run}/{ft}']) for ft, path in finetuned.items()]]:
+                if checkpoints:
+                    add_stage(f'benchmark/{name}', 'evaluate', 'evaluate.py',
+                              [f"--checkpoints={','.join(checkpoints)}", f'--out={out_dir}/benchmark/{name}/eval.json',
+                               f'--lm_eval_tasks={lm_eval_tasks}', *shlex.split(lm_eval_args), *eval_common],
+                              'eval.json', deps)
 
 
 def state_of(stage):
@@ -180,6 +200,10 @@ def command(stage):
         args = [a for a in args if not a.startswith('--init_from=')] + ['--init_from=resume']
     elif stage['kind'] in ('pretrain', 'finetune', 'quantize'):
         args.append('--overwrite=True')  # leftovers of a changed or failed run
+    if stage['kind'] in ('pretrain', 'finetune'):  # tracking: appended here, outside the stage key
+        args += ['--wandb_log=True', f'--wandb_project={wandb_project}', f'--wandb_run_name={stage["name"]}',
+                 f'--wandb_group={os.path.basename(os.path.abspath(out_dir))}'] if wandb_log else []
+        args += [f"--tensorboard_dir={os.path.join(stage['dir'], 'tensorboard')}"] if tensorboard else []
     launcher = [sys.executable]
     if torchrun_gpus and stage['kind'] in ('pretrain', 'finetune'):
         launcher += ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun_gpus}']

@@ -108,6 +108,25 @@ def test_rerun_skips_finished_and_redoes_changed_stages(smoke, tmp_path):
     assert '15 done, 2 to run' in changed.stdout and 'gsm8k_lr0.003' in changed.stdout
 
 
+def test_tracking_and_benchmarks_leave_the_stage_keys_alone(smoke):
+    """wandb_log / tensorboard go on the command line outside the stage keys (turning them on redoes nothing), and
+    lm_eval_tasks only adds benchmark stages: the base, quantized and fine-tuned models of each base model."""
+    out, data_root, _, _ = smoke
+    tracked = experiment(out, data_root, '--wandb_log=True', '--tensorboard=True', '--dry_run=True')
+    assert tracked.returncode == 0, tracked.stderr
+    assert '17 done, 0 to run' in tracked.stdout
+    changed = experiment(out, data_root, '--wandb_log=True', '--tensorboard=True', '--dry_run=True',
+                         "--task_learning_rates={'gsm8k': (1e-3, 3e-3)}")
+    lines = [line for line in changed.stdout.splitlines() if 'gsm8k_lr0.003' in line and 'finetune.py' in line]
+    assert len(lines) == 2 and all('--wandb_log=True' in line and '--wandb_group=exp' in line and
+                                   '/tensorboard' in line for line in lines)
+    benchmarked = experiment(out, data_root, '--lm_eval_tasks=arc_easy', '--dry_run=True')
+    assert benchmarked.returncode == 0, benchmarked.stderr
+    assert '17 done, 12 to run' in benchmarked.stdout  # 2 bases x (base, quantized, 2 tasks x 2 learning rates)
+    commands = [line for line in benchmarked.stdout.splitlines() if 'benchmark/' in line]
+    assert all('--lm_eval_tasks=arc_easy' in line for line in commands)
+
+
 def test_failed_stage_is_reported_and_the_rest_goes_on(smoke):
     out, data_root, _, reference = smoke
     bases = {'adamw': 'configs/cpu_small.py --n_layer=1 --n_embd=32', 'broken': 'configs/cpu_small.py --n_layer=0'}
