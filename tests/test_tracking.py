@@ -155,3 +155,16 @@ def test_missing_package_is_one_line(run_script, tiny_ckpt, monkeypatch, tmp_pat
         "finetune.py: error: wandb_log=True needs the optional package wandb: pip install wandb "
         "(or pip install -r requirements-hf.txt)"]
     assert not os.path.exists(tmp_path / 'ft')
+
+
+def test_under_ddp_only_rank_0_logs(wiki, tmp_path):
+    import subprocess
+    out, tb = tmp_path / 'ddp', str(tmp_path / 'tb')
+    args = [a for a in pretrain_args(wiki, out, tb) if not a.startswith(('--wandb', '--gradient'))]
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                             'pretrain.py', *args, '--gradient_accumulation_steps=2', '--max_iters=2'],
+                            capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)),
+                            env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(os.listdir(tb)) == 1  # one event file: rank 0's
+    assert_same_series(tensorboard_scalars(tb), expected_series(read_jsonl(out / 'log.jsonl')))
