@@ -214,6 +214,24 @@ def score_drop(baseline_score, score):
     return 100.0 * (baseline_score - score) / baseline_score
 
 
+def matched_score_drop(sweeps, baseline_score, baseline):
+    """The 1B variant of matched_forgetting: forgetting as a benchmark-score drop at matched fine-tuning loss.
+
+    sweeps: {name: [(ft_loss, score), ...]} (each fine-tuned model's task loss and mean benchmark score),
+    baseline_score: B, the baseline's base model's score. Every run becomes the point (ft_loss, score_drop(B, score)),
+    and the frontiers of these points are compared as matched_forgetting compares pt_loss
+    frontiers, with a base value of 0 (a base model's own head start over B counts, as score_drop says).
+    Returns matched_forgetting's dict (forgetting = score drop at the threshold, in %) plus 'percent_less':
+    {name: % less score drop than the baseline} for the other models."""
+    if baseline not in sweeps:
+        raise ValueError(f"no sweep of the baseline {baseline!r}")
+    drops = {name: [(ft, score_drop(baseline_score, s)) for ft, s in points] for name, points in sweeps.items()}
+    matched = matched_forgetting(drops, dict.fromkeys(drops, 0.0))
+    f = matched['forgetting']
+    matched['percent_less'] = {name: percent_less_forgetting(f[baseline], f[name]) for name in f if name != baseline}
+    return matched
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def _field(result, key, path, kind):

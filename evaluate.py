@@ -137,7 +137,9 @@ if lm_tasks:
 infos = {}
 def load_source(path):
     """The checkpoint dict of one of ours, or of a Hugging Face model (hf.py; it needs pretrain_data)."""
-    return hf_as_checkpoint(path, hf_revision, pretrain_data, 'checkpoints') if is_hf_source(path) else load_checkpoint(path)
+    if is_hf_source(path):
+        return hf_as_checkpoint(path, hf_revision, pretrain_data, 'checkpoints')
+    return load_checkpoint(path)
 
 
 for path in paths:

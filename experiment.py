@@ -73,7 +73,7 @@ quantize_args = ''
 sharpness = 'noise,hessian,sam'  # evaluate.py --sharpness, on the base models
 evaluate_args = '--batch_size=32 --eval_iters=16'
 # forgetting as a benchmark-score drop (the paper's 1B measure): lm-eval tasks scored by evaluate.py on every base,
-# fine-tuned and quantized model ('' = off; adds benchmark/ stages only, the other stages and their keys stay as they are)
+# fine-tuned and quantized model ('' = off). It only adds benchmark/ stages: the others and their keys stay as they are
 lm_eval_tasks = ''
 lm_eval_args = ''  # more evaluate.py arguments for them, e.g. --lm_eval_num_fewshot=0 --lm_eval_limit=1000
 # tracking of pretraining and fine-tuning (tracking.py): W&B run group = the experiment's out_dir name, job type = the
@@ -175,9 +175,10 @@ for base, base_args in bases.items():
         if lm_eval_tasks:  # benchmark scores of the base model and of each fine-tuned and quantized model
             finetuned = {f'{task}_lr{lr:g}': os.path.join(out_dir, 'finetune', run, f'{task}_lr{lr:g}', 'ckpt.pt')
                          for task in tasks for lr in task_learning_rates.get(task, learning_rates)}
-            for name, checkpoints, deps in [(run, [base_ckpt], [f'pretrain/{run}']),
-                                            (f'{run}_quantized', quantized, [f'quantize/{run}_{m}' for m in quantize_methods]),
-                                            *[(f'{run}/{ft}', [path], [f'finetune/{run}/{ft}']) for ft, path in finetuned.items()]]:
+            benchmarked = [(run, [base_ckpt], [f'pretrain/{run}']),
+                           (f'{run}_quantized', quantized, [f'quantize/{run}_{m}' for m in quantize_methods])]
+            benchmarked += [(f'{run}/{ft}', [path], [f'finetune/{run}/{ft}']) for ft, path in finetuned.items()]
+            for name, checkpoints, deps in benchmarked:
                 if checkpoints:
                     add_stage(f'benchmark/{name}', 'evaluate', 'evaluate.py',
                               [f"--checkpoints={','.join(checkpoints)}", f'--out={out_dir}/benchmark/{name}/eval.json',

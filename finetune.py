@@ -53,8 +53,9 @@ from training import estimate_loss, lr_at, record_step, setup_run, train_step
 # -----------------------------------------------------------------------------
 # defaults: the paper's small-model SFT recipe on one process; configs/sft/ override them
 out_dir = 'out/finetune'
-init_from = ''  # required: the base model's checkpoint (pretrain.py's, or finetune.py's), or 'resume' (out_dir/ckpt.pt),
-# or a Hugging Face model: hf:NAME or a local directory (needs pretrain_data prepared with its tokenizer; see hf.py)
+# required: the base model's checkpoint (pretrain.py's, or finetune.py's), or 'resume' (out_dir/ckpt.pt), or a Hugging
+# Face model: hf:NAME or a local directory (needs pretrain_data prepared with its tokenizer; see hf.py)
+init_from = ''
 hf_revision = ''  # with init_from=hf:NAME: Hub branch, tag or commit ('' = main)
 overwrite = False  # allow replacing an existing out_dir/result.json and ckpt.pt
 # task (see tasks.py)

@@ -137,7 +137,7 @@ def record_step(stats, it, lr, bad_steps, max_bad_steps, progress, log_path, tok
     is not finite (train_step did not step), say so and say when SAM skipped its perturbation, advance the progress
     bar, append the log line (every log_interval, at the end, and on every bad or SAM-skipped step), and stop with one
     line once more than max_bad_steps steps were bad (`kept` names what is left intact). timer = [time, iteration]
-    of the last log line, updated in place. tracker (tracking.Tracker) mirrors the log line. Returns the new bad_steps."""
+    of the last log line, updated in place. tracker (tracking.Tracker) mirrors the log line. Returns bad_steps."""
     bad = not (math.isfinite(stats['loss']) and math.isfinite(stats['grad_norm']))
     bad_steps += bad
     if master and stats.get('sam_skipped'):

@@ -51,7 +51,8 @@ def test_finetune_takes_a_hf_directory(hf_dir, tiny_ckpt, wiki, fork_script, tmp
               '--max_tokens=512', '--val_tokens=256', '--eval_interval=2', '--eval_iters=1', '--device=cpu',
               '--dtype=float32']
     results = []
-    for name, args in (('ours', [f'--init_from={tiny_ckpt}']), ('hf', [f'--init_from={hf_dir}', f'--pretrain_data={wiki}'])):
+    for name, args in (('ours', [f'--init_from={tiny_ckpt}']),
+                       ('hf', [f'--init_from={hf_dir}', f'--pretrain_data={wiki}'])):
         result = fork_script('finetune.py', *common, *args, f'--out_dir={tmp_path / name}').wait()
         assert result.returncode == 0, result.stderr[-2000:]
         results.append(json.loads((tmp_path / name / 'result.json').read_text()))
@@ -71,9 +72,11 @@ def test_hf_input_needs_its_data(hf_dir, run_script, tmp_path):
 
 
 def test_hub_name_offline_is_one_line_in_finetune(wiki, tmp_path):
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HOME': str(tmp_path / 'hf_home'), 'HF_ENDPOINT': 'http://127.0.0.1:9'}
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HOME': str(tmp_path / 'hf_home'),
+           'HF_ENDPOINT': 'http://127.0.0.1:9'}  # nothing listens there: the Hub is unreachable
     env.pop('HF_HUB_OFFLINE', None)
-    result = subprocess.run([sys.executable, 'finetune.py', 'configs/sft/gsm8k.py', '--init_from=hf:allenai/OLMo-2-0425-1B',
+    result = subprocess.run([sys.executable, 'finetune.py', 'configs/sft/gsm8k.py',
+                             '--init_from=hf:allenai/OLMo-2-0425-1B',
                              '--hf_revision=stage1-step1907359-tokens4001B', f'--pretrain_data={wiki}',
                              f'--out_dir={tmp_path / "ft"}', '--device=cpu'],
                             capture_output=True, text=True, cwd=REPO, env=env, timeout=120)

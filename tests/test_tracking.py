@@ -48,7 +48,8 @@ def wandb_runs(wandb_dir):
             if kind == 'run':
                 run = record.run
             elif kind == 'history':
-                row = {item.key or '/'.join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                items = record.history.item
+                row = {item.key or '/'.join(item.nested_key): json.loads(item.value_json) for item in items}
                 rows.append({**row, '_step': record.history.step.num})
         runs.append((run, rows))
     return runs
