@@ -111,6 +111,8 @@ check(not os.path.isdir(out), f"out {out} is a directory; give a file path such 
 lm_tasks = [t.strip() for t in lm_eval_tasks.split(',') if t.strip()]
 check(lm_eval_num_fewshot >= -1 and lm_eval_limit >= 0 and lm_eval_batch_size > 0,
       "need lm_eval_num_fewshot >= -1, lm_eval_limit >= 0 and lm_eval_batch_size > 0")
+check(len(lm_eval_score_metrics) > 0 and all(isinstance(m, str) and m for m in lm_eval_score_metrics),
+      f"lm_eval_score_metrics must be a non-empty tuple of metric names, got {lm_eval_score_metrics!r}")
 check(not lm_eval_include_path or os.path.isdir(lm_eval_include_path),
       f"lm_eval_include_path {lm_eval_include_path} is not a directory")
 if lm_tasks:
