@@ -35,20 +35,20 @@ compile, log_interval, eval_interval and max_bad_steps) and different task data 
 import hashlib
 import os
 import sys
-import time
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (append_jsonl, build_model, code_version, fault_hook, load_checkpoint, remove_stale_temp_files,
+from checkpoint import (append_jsonl, build_model, code_version, load_checkpoint, remove_stale_temp_files,
                         save_checkpoint, truncate_log, write_json)
 from config import check, check_choice, config_defaults, fail, load_config
 from data import load_meta, load_tokenizer, open_tokens, sample_chunks, tokenizer_id, val_batch
 from hf import hf_as_checkpoint, is_hf_source
 from tasks import task_tensors
 from tracking import Tracker, check_installed
-from training import estimate_loss, lr_at, record_step, setup_run, train_step
+from training import (adamw, estimate_loss, log_steps, lr_at, read_steps, setup_run, throughput, too_many_bad_steps,
+                      train_step)
 
 # -----------------------------------------------------------------------------
 # defaults: the paper's small-model SFT recipe on one process; configs/sft/ override them
@@ -196,8 +196,7 @@ def get_pt_val_batch(i):
 
 # model ---------------------------------------------------------------------------
 model = build_model(model_args, checkpoint['model'], source_path).to(device)
-optimizer = torch.optim.AdamW(model.param_groups(weight_decay), lr=learning_rate, betas=(beta1, beta2), eps=eps,
-                              foreach=True)
+optimizer = adamw(model.param_groups(weight_decay), device, lr=learning_rate, betas=(beta1, beta2), eps=eps)
 result = {'task': task, 'source': source, 'init_from': init_from, 'learning_rate': learning_rate,
           'max_tokens': max_tokens, 'tokens_per_iter': tokens_per_iter, 'max_iters': max_iters,
           'base': None, 'trajectory': [], 'final': None, 'config': config}
@@ -271,9 +270,9 @@ tracker = Tracker(config, out_dir, 'finetune', iter_num if resume else None, ena
 
 # training loop -------------------------------------------------------------------
 progress = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, desc=f'finetune {task}')
-timer = [time.time(), iter_num]  # of the last log line
+speed = throughput(tokens_per_iter, raw_model.flops_per_token(), device, world_size, iter_num)
+pending = []  # (iteration, lr, stats) of the steps not read yet: their stats stay on the device until a log step
 while True:
-    fault_hook('iter', iter_num)
     if (iter_num % eval_interval == 0 or iter_num == max_iters) and not (resume and iter_num == start_iter):
         evaluate(iter_num, lr)
         if master and iter_num > 0:
@@ -284,11 +283,20 @@ while True:
     for group in optimizer.param_groups:
         group['lr'] = lr
     micro_batches = [get_train_batch(iter_num, rank * local_accum + m) for m in range(local_accum)]
-    stats = train_step(model, optimizer, micro_batches, autocast, grad_clip)
-    bad_steps = record_step(stats, iter_num, lr, bad_steps, max_bad_steps, progress, log_path, tokens_per_iter,
-                            log_interval, max_iters, timer, master,
-                            f"{result_path} and the last checkpoint ({ckpt_path}, if any) are kept", tracker)
+    pending.append((iter_num, lr, train_step(model, optimizer, micro_batches, autocast, grad_clip)))
     iter_num += 1
+    progress.update(1)
+    log_line = iter_num % log_interval == 0 or iter_num == max_iters
+    if log_line or iter_num % eval_interval == 0:  # read before every checkpoint too
+        records, bad_steps = read_steps(pending, tokens_per_iter, bad_steps)  # one host-device sync
+        pending = []
+        if log_line:
+            records[-1].update(speed(iter_num, passes=1))
+        if master:
+            log_steps(records, log, progress)
+        if bad_steps > max_bad_steps:
+            fail(f"{too_many_bad_steps(records, max_bad_steps)}; {result_path} and the last checkpoint ({ckpt_path}, "
+                 f"if any) are kept")
 progress.close()
 tracker.close()
 if ddp:  # wait for rank 0's checkpoint: a rank tearing gloo down first can abort (SIGABRT) the other

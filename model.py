@@ -146,6 +146,14 @@ class GPT(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         return total, total - self.wte.weight.numel() - self.lm_head.weight.numel()
 
+    def flops_per_token(self):
+        """Training FLOPs per token of one forward/backward pass: 6 x (non-embedding + output-head parameters) plus
+        attention's 6 x layers x context x width (Kaplan et al. 2020: each token attends to half the context on average
+        under the causal mask; QK^T and AV, 2 FLOPs per multiply-add, 3 for forward and backward)."""
+        _, non_embedding = self.num_params()
+        c = self.config
+        return 6 * (non_embedding + self.lm_head.weight.numel()) + 6 * c.n_layer * c.block_size * c.n_embd
+
     def forward(self, idx, targets=None, loss_mask=None, z_loss=0.0):
         """Logits, and the mean next-token loss over positions where loss_mask is true (all if None).
 

@@ -10,17 +10,15 @@ init_from: 'scratch' starts a new model; 'resume' continues out_dir/ckpt.pt exac
 from that run's weights (mid-training: new schedule, optimizer and/or SAM); so does a Hugging Face
 OLMo-2 checkpoint: hf:allenai/OLMo-2-0425-1B (+ hf_revision) or a local directory (see hf.py).
 """
-import math
 import os
 import sys
-import time
 from dataclasses import fields
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (append_jsonl, build_model, code_version, fault_hook, load_checkpoint, remove_stale_temp_files,
+from checkpoint import (append_jsonl, build_model, code_version, load_checkpoint, remove_stale_temp_files,
                         save_checkpoint, truncate_log)
 from config import check, check_choice, config_defaults, fail, load_config
 from data import load_meta, open_tokens, tokenizer_id, train_batch, val_batch
@@ -28,7 +26,8 @@ from hf import hf_checkpoint, is_hf_source
 from model import GPT, GPTConfig
 from sam import SAM
 from tracking import Tracker, check_installed
-from training import estimate_loss, lr_at, record_step, setup_run, train_step
+from training import (adamw, estimate_loss, forward_backward, log_steps, lr_at, optimizer_step, read_steps,
+                      sam_forward_backward, setup_run, throughput, too_many_bad_steps)
 
 # -----------------------------------------------------------------------------
 # defaults: the paper's 60M AdamW recipe on one process; configs/ override them
@@ -172,9 +171,9 @@ check(meta['vocab_size'] <= model_args['vocab_size'],
       f"dataset vocabulary ({meta['vocab_size']}) is larger than the model's vocab_size ({model_args['vocab_size']})")
 model = GPT(GPTConfig(**model_args)) if checkpoint is None else build_model(model_args, checkpoint['model'], source_path)
 model.to(device)
-base_optimizer = torch.optim.AdamW(model.param_groups(weight_decay, decay_embeddings), lr=learning_rate,
-                                   betas=(beta1, beta2), eps=eps, foreach=True)
-iter_num, best_val_loss, bad_steps = 0, math.inf, 0
+base_optimizer = adamw(model.param_groups(weight_decay, decay_embeddings), device, lr=learning_rate,
+                       betas=(beta1, beta2), eps=eps)
+iter_num, bad_steps = 0, 0
 if init_from == 'resume' or (checkpoint is not None and keep_optimizer_state):
     check('optimizer' in checkpoint, f"{source_path} holds no optimizer state (a quantized or fine-tuned model?); " +
           ("start a new run from it with --init_from=<its path>" if init_from == 'resume' else
@@ -187,7 +186,7 @@ if init_from == 'resume' or (checkpoint is not None and keep_optimizer_state):
     for group, (_, wd) in zip(base_optimizer.param_groups, new_groups):  # the new run's hyperparameters win
         group.update(betas=(beta1, beta2), eps=eps, weight_decay=wd)
 if init_from == 'resume':
-    iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+    iter_num = checkpoint['iter_num']
     bad_steps = checkpoint.get('bad_steps', 0)  # older checkpoints of format 1 lack it
     torch.set_rng_state(checkpoint['rng_state'].cpu())  # map_location may have moved it to the GPU
 start_iter = iter_num
@@ -211,7 +210,7 @@ if master:
 def save():
     save_checkpoint({
         'model': raw_model.state_dict(), 'optimizer': base_optimizer.state_dict(), 'model_args': model_args,
-        'iter_num': iter_num, 'tokens': iter_num * tokens_per_iter, 'best_val_loss': best_val_loss, 'bad_steps': bad_steps,
+        'iter_num': iter_num, 'tokens': iter_num * tokens_per_iter, 'bad_steps': bad_steps,
         'config': config, 'rng_state': torch.get_rng_state(), 'data_fingerprint': meta.get('fingerprint'),
         'dataset': dataset, 'tokenizer': meta.get('tokenizer'), 'code_version': git_commit,
     }, ckpt_path)
@@ -232,13 +231,12 @@ tracker = Tracker(config, out_dir, 'pretrain', iter_num if init_from == 'resume'
 
 # training loop ----------------------------------------------------------------
 progress = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, desc='pretrain')
-timer = [time.time(), iter_num]  # of the last log line
+speed = throughput(tokens_per_iter, raw_model.flops_per_token(), device, world_size, iter_num)
+pending = []  # (iteration, lr, stats) of the steps not read yet: their stats stay on the device until a log step
 while True:
-    fault_hook('iter', iter_num)
     stopping = iter_num >= max_iters or iter_num == stop_at_iter
     if (iter_num % eval_interval == 0 or stopping) and not (init_from == 'resume' and iter_num == start_iter):
         val_loss = estimate_loss(raw_model, get_val_batch, eval_iters, autocast, rank, world_size)
-        best_val_loss = min(best_val_loss, val_loss)
         if master:
             progress.write(f"iter {iter_num}: val loss {val_loss:.4f}")
             log({'iter': iter_num, 'tokens': iter_num * tokens_per_iter, 'val_loss': val_loss})
@@ -251,11 +249,24 @@ while True:
         group['lr'] = lr
     use_sam = optimizer == 'sam' and sam_start_fraction * max_iters <= iter_num < sam_end_fraction * max_iters
     micro_batches = [get_train_batch(iter_num, rank * local_accum + m) for m in range(local_accum)]
-    stats = train_step(model, base_optimizer, micro_batches, autocast, grad_clip, sam if use_sam else None, z_loss)
-    bad_steps = record_step(stats, iter_num, lr, bad_steps, max_bad_steps, progress, log_path, tokens_per_iter,
-                            log_interval, max_iters, timer, master, f"the last good checkpoint ({ckpt_path}) is kept",
-                            tracker)
+    if use_sam:  # the paper's intervention: the gradient taken at w + rho g / ||g|| updates w (two passes)
+        stats = sam_forward_backward(model, sam, micro_batches, autocast, z_loss)
+    else:
+        stats = {'loss': forward_backward(model, micro_batches, autocast, z_loss)}
+    stats['grad_norm'] = optimizer_step(model, base_optimizer, grad_clip, stats['loss'])  # no step if not finite
+    pending.append((iter_num, lr, stats))
     iter_num += 1
+    progress.update(1)
+    log_line = iter_num % log_interval == 0 or iter_num == max_iters
+    if log_line or iter_num % eval_interval == 0 or iter_num == stop_at_iter:  # read before every checkpoint too
+        records, bad_steps = read_steps(pending, tokens_per_iter, bad_steps)  # one host-device sync
+        pending = []
+        if log_line:
+            records[-1].update(speed(iter_num, passes=2 if use_sam else 1))
+        if master:
+            log_steps(records, log, progress)
+        if bad_steps > max_bad_steps:
+            fail(f"{too_many_bad_steps(records, max_bad_steps)}; the last good checkpoint ({ckpt_path}) is kept")
 progress.close()
 tracker.close()
 if ddp:  # wait for rank 0's last checkpoint: a rank tearing gloo down first can abort (SIGABRT) the other

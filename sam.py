@@ -19,7 +19,6 @@ allocated once) and its state_dict is the base optimizer's, so a run can switch
 between AdamW and SAM through a checkpoint.
 """
 import contextlib
-import math
 
 import torch
 
@@ -34,8 +33,6 @@ class SAM:
         self.sync_ascent = sync_ascent  # DDP: all-reduce the ascent gradient too (not the paper's default)
         self.saved_weights = None  # the one extra parameter-sized buffer: w while we sit at w + e
         self.perturbed_params = None
-        self.skipped_steps = 0  # first steps skipped because the gradient norm was not finite
-        self.last_grad_norm = None
 
     @property
     def param_groups(self):
@@ -49,24 +46,27 @@ class SAM:
 
     @torch.no_grad()
     def first_step(self):
-        """Move to w + e(w) along the raw gradient. Returns its norm; a non-finite norm skips the move."""
+        """Move to w + e(w) along the raw gradient and return its norm (a 0-dim tensor). A non-finite norm moves by
+        zero instead: decided on the device, so the step never waits for the host to read the norm."""
         params = [p for group in self.param_groups for p in group['params'] if p.grad is not None]
-        grads = [p.grad for p in params]
-        if self.adaptive:  # the gradient is discarded after this step, so it is scaled in place
-            torch._foreach_mul_(grads, torch._foreach_abs(params))
+        grads = [p.grad for p in params]  # discarded after this step: scaled in place below
+        if self.adaptive:  # ASAM: e = rho T^2 g / ||T g|| with T = |w| elementwise; grads become T g here
+            abs_w = torch._foreach_abs(params)
+            torch._foreach_mul_(grads, abs_w)
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        self.last_grad_norm = norm.item()
-        if not math.isfinite(self.last_grad_norm):
-            self.skipped_steps += 1
-            return self.last_grad_norm
         if self.saved_weights is None:
             self.saved_weights = {p: torch.empty_like(p) for group in self.param_groups for p in group['params']}
         self.perturbed_params = params
         torch._foreach_copy_([self.saved_weights[p] for p in params], params)
-        if self.adaptive:
-            torch._foreach_mul_(grads, torch._foreach_abs(params))
-        torch._foreach_add_(params, grads, alpha=self.rho / (self.last_grad_norm + 1e-12))
-        return self.last_grad_norm
+        if self.adaptive:  # ... and T^2 g here
+            torch._foreach_mul_(grads, abs_w)
+        finite = torch.isfinite(norm)
+        for g in grads:  # a non-finite gradient times a zero step would still be NaN
+            torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+        step = torch.where(finite, self.rho / (norm.double() + 1e-12), 0.0).to(norm.dtype)
+        # addcmul with a 0-dim step rounds exactly as add_(g, alpha=step) does (one fused multiply-add)
+        torch._foreach_addcmul_(params, grads, [step.expand_as(g) for g in grads])
+        return norm
 
     @torch.no_grad()
     def restore(self):

@@ -146,7 +146,7 @@ def sam_sharpness(model, batches, rho=0.05):
         batch_loss = model(x, y, loss_mask=mask)[1] / len(batches)
         batch_loss.backward()
         loss += batch_loss.item()
-    grad_norm = sam.first_step()
+    grad_norm = sam.first_step().item()
     with torch.no_grad():
         perturbed = batches_loss(model, batches).item()
     sam.restore()

@@ -1,9 +1,8 @@
 """
-What pretrain.py and finetune.py share: process setup (single, or DDP under
-torchrun), the learning-rate schedules, one optimizer step (AdamW or SAM, with
-gradient accumulation), its bookkeeping (log line, progress bar, bad-step guard) and the validation loss; and the
-tensor-memory tracker that benchmark.py and
-memory_budget.py measure with.
+What pretrain.py and finetune.py share: process setup (single, or DDP under torchrun), the learning-rate schedules,
+one optimizer step (AdamW or SAM, with gradient accumulation) whose stats stay on the device until a log step reads
+them, the log lines and throughput (tokens/s, MFU), the validation loss; and the tensor-memory tracker that
+benchmark.py and memory_budget.py measure with.
 """
 import contextlib
 import math
@@ -16,7 +15,6 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
-from checkpoint import append_jsonl
 from config import check, fail
 
 
@@ -86,8 +84,16 @@ def lr_at(it, learning_rate, max_iters, warmup_iters, lr_schedule, anneal_fracti
     raise ValueError(f"unknown lr_schedule {lr_schedule!r}")
 
 
-def _accumulate_gradients(model, micro_batches, autocast, z_loss):
-    """Forward/backward over the micro-batches; under DDP only the last one all-reduces. Returns the mean loss."""
+def adamw(param_groups, device, **hyperparameters):
+    """torch's AdamW: fused on CUDA (one kernel, and it skips a bad step on the device), foreach elsewhere (on the CPU,
+    the numerics every CPU result here was measured with)."""
+    fused = device.startswith('cuda')
+    return torch.optim.AdamW(param_groups, fused=fused, foreach=not fused, **hyperparameters)
+
+
+def forward_backward(model, micro_batches, autocast, z_loss=0.0):
+    """Forward/backward over micro_batches [(x, y, loss_mask or None), ...], the gradients of the mean loss summed into
+    .grad; under DDP only the last micro-batch all-reduces. Returns the mean loss, a 0-dim tensor on the device."""
     total = 0.0
     for i, (x, y, mask) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
@@ -100,63 +106,120 @@ def _accumulate_gradients(model, micro_batches, autocast, z_loss):
     return total / len(micro_batches)
 
 
-def train_step(model, optimizer, micro_batches, autocast, grad_clip, sam=None, z_loss=0.0):
-    """One optimizer step on micro_batches [(x, y, loss_mask or None), ...].
+def sam_forward_backward(model, sam, micro_batches, autocast, z_loss=0.0):
+    """SAM's two passes (Foret et al. 2021): the gradient g at w, a move to w + e with e = rho g / ||g||, the gradient
+    there, and back to exactly w, so that the optimizer step applies the gradient at w + e to w. The ascent gradient
+    stays local to each DDP rank unless sam.sync_ascent (the paper's m-sharpness). Returns 0-dim device tensors:
+    loss (at w), sam_loss (at w + e), ascent_grad_norm and sam_skipped (a non-finite ascent norm: no move)."""
+    with sam.ascent_context(model):
+        loss = forward_backward(model, micro_batches, autocast, z_loss)
+    ascent_grad_norm = sam.first_step()  # w -> w + e
+    sam.zero_grad(set_to_none=True)
+    sam_loss = forward_backward(model, micro_batches, autocast, z_loss)  # the gradient the optimizer applies
+    sam.restore()  # back to w
+    return {'loss': loss, 'sam_loss': sam_loss, 'ascent_grad_norm': ascent_grad_norm,
+            'sam_skipped': ~torch.isfinite(ascent_grad_norm)}
 
-    With sam: gradient at w over all micro-batches (local to the rank unless sam.sync_ascent),
-    move to w + e, gradient there (all-reduced), back to w, clip, step. The returned dict has
-    loss (at w), sam_loss (at w + e, SAM only), grad_norm (descent gradient, before clipping),
-    ascent_grad_norm (SAM only) and sam_skipped (True when a non-finite ascent norm skipped the move). A step whose
-    loss or grad_norm is not finite is a bad step: the optimizer does not step."""
-    stats = {}
-    if sam is not None:
-        with sam.ascent_context(model):
-            stats['loss'] = _accumulate_gradients(model, micro_batches, autocast, z_loss)
-        stats['ascent_grad_norm'] = sam.first_step()
-        stats['sam_skipped'] = sam.perturbed_params is None
-        optimizer.zero_grad(set_to_none=True)
-        stats['sam_loss'] = _accumulate_gradients(model, micro_batches, autocast, z_loss)
-        sam.restore()
-    else:
-        stats['loss'] = _accumulate_gradients(model, micro_batches, autocast, z_loss)
+
+def optimizer_step(model, optimizer, grad_clip, loss):
+    """Clip the gradient and step, unless the loss or the gradient norm is not finite (a bad step: weights and optimizer
+    state stay as they were); then zero the gradients. Returns the norm before clipping, a 0-dim device tensor.
+
+    Fused AdamW (the CUDA default) takes that verdict on the device, through found_inf as under a GradScaler, so the
+    step never waits for the host; other optimizers read it, which costs nothing on a CPU. Under DDP the all-reduced
+    gradient norm is the same on every rank, and a non-finite loss on any rank makes it non-finite: all ranks agree."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-    stats['grad_norm'] = grad_norm
-    stats = {k: v.item() if torch.is_tensor(v) else v for k, v in stats.items()}
-    # a bad step (non-finite loss or gradient) never reaches the optimizer state. Under DDP the all-reduced gradient
-    # norm is the same on every rank, and a non-finite loss on any rank makes it non-finite, so all ranks agree
-    if math.isfinite(stats['loss']) and math.isfinite(stats['grad_norm']):
+    finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+    if optimizer.defaults.get('fused'):
+        optimizer.found_inf = (~finite).float()
+        optimizer.step()
+    elif finite.item():
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def train_step(model, optimizer, micro_batches, autocast, grad_clip, sam=None, z_loss=0.0):
+    """One optimizer step on micro_batches, with SAM's two passes when sam is given. Returns its stats as 0-dim device
+    tensors (read_stats turns them into numbers): loss, grad_norm (before clipping) and, with SAM, those of
+    sam_forward_backward."""
+    if sam is None:
+        stats = {'loss': forward_backward(model, micro_batches, autocast, z_loss)}
+    else:
+        stats = sam_forward_backward(model, sam, micro_batches, autocast, z_loss)
+    stats['grad_norm'] = optimizer_step(model, optimizer, grad_clip, stats['loss'])
     return stats
 
 
-@torch.no_grad()
-def record_step(stats, it, lr, bad_steps, max_bad_steps, progress, log_path, tokens_per_iter, log_interval, max_iters,
-                timer, master, kept, tracker=None):
-    """After train_step took step `it` (so iteration it + 1 is reached): count it as bad if its loss or gradient norm
-    is not finite (train_step did not step), say so and say when SAM skipped its perturbation, advance the progress
-    bar, append the log line (every log_interval, at the end, and on every bad or SAM-skipped step), and stop with one
-    line once more than max_bad_steps steps were bad (`kept` names what is left intact). timer = [time, iteration]
-    of the last log line, updated in place. tracker (tracking.Tracker) mirrors the log line. Returns bad_steps."""
-    bad = not (math.isfinite(stats['loss']) and math.isfinite(stats['grad_norm']))
-    bad_steps += bad
-    if master and stats.get('sam_skipped'):
-        progress.write(f"iter {it}: SAM ascent gradient norm is {stats['ascent_grad_norm']}; perturbation skipped")
-    if master and bad and bad_steps <= max_bad_steps:
-        progress.write(f"iter {it}: non-finite loss or gradient norm; step skipped ({bad_steps} of max_bad_steps)")
-    progress.update(1)
-    if master and ((it + 1) % log_interval == 0 or it + 1 == max_iters or bad or stats.get('sam_skipped')):
-        record = {'iter': it + 1, 'tokens': (it + 1) * tokens_per_iter, 'lr': lr, **stats,
-                  'tokens_per_s': (it + 1 - timer[1]) * tokens_per_iter / (time.time() - timer[0]),
-                  **({'bad_step': True, 'bad_steps': bad_steps} if bad else {})}
-        append_jsonl(log_path, record)
-        if tracker is not None:
-            tracker.log(record)
-        progress.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-        timer[:] = [time.time(), it + 1]
-    check(bad_steps <= max_bad_steps, f"non-finite loss ({stats['loss']}) or gradient norm ({stats['grad_norm']}) at "
-          f"iter {it} (bad step {bad_steps}, max_bad_steps={max_bad_steps}); the optimizer did not step; {kept}")
-    return bad_steps
+def read_stats(steps_stats):
+    """[train_step's stats, ...] -> the same dicts holding Python numbers, read in one host-device sync."""
+    if not steps_stats:
+        return []
+    values = iter(torch.stack([v.double() for stats in steps_stats for v in stats.values()]).tolist())
+    return [{k: bool(next(values)) if v.dtype == torch.bool else next(values) for k, v in stats.items()}
+            for stats in steps_stats]
+
+
+def read_steps(pending, tokens_per_iter, bad_steps):
+    """pending: [(iteration, lr, train_step's stats)] -> (log records of these steps, the run's bad-step count after
+    them). A bad step (non-finite loss or gradient norm: the optimizer did not step) has bad_step and bad_steps."""
+    records = []
+    for (it, lr, _), stats in zip(pending, read_stats([stats for _, _, stats in pending])):
+        record = {'iter': it + 1, 'tokens': (it + 1) * tokens_per_iter, 'lr': lr, **stats}
+        if not (math.isfinite(stats['loss']) and math.isfinite(stats['grad_norm'])):
+            bad_steps += 1
+            record.update(bad_step=True, bad_steps=bad_steps)
+        records.append(record)
+    return records, bad_steps
+
+
+def too_many_bad_steps(records, max_bad_steps):
+    """The error for the first of records whose bad step was one too many."""
+    r = next(r for r in records if r.get('bad_steps', 0) > max_bad_steps)
+    return (f"non-finite loss ({r['loss']}) or gradient norm ({r['grad_norm']}) at iter {r['iter'] - 1} (bad step "
+            f"{r['bad_steps']}, max_bad_steps={max_bad_steps}); the optimizer did not step")
+
+
+def log_steps(records, log, progress):
+    """log(record) for the log lines among records: those with a speed (the log_interval-th iterations), bad steps
+    and SAM steps that skipped their perturbation; say on the console what was skipped."""
+    for r in records:
+        if r.get('sam_skipped'):
+            progress.write(f"iter {r['iter'] - 1}: SAM ascent gradient norm is {r['ascent_grad_norm']}; "
+                           f"perturbation skipped")
+        if r.get('bad_step'):
+            progress.write(f"iter {r['iter'] - 1}: non-finite loss or gradient norm; step skipped "
+                           f"(bad step {r['bad_steps']})")
+        if 'tokens_per_s' in r or r.get('bad_step') or r.get('sam_skipped'):
+            log(r)
+        if 'tokens_per_s' in r:
+            progress.set_postfix(loss=f"{r['loss']:.4f}", lr=f"{r['lr']:.2e}", tok_s=f"{r['tokens_per_s']:.0f}")
+
+
+# dense bf16 tensor-core peaks in FLOP/s, by a substring of torch.cuda.get_device_name (MFU is logged on these only)
+PEAK_FLOPS = {'A100': 312e12, 'H100 80GB HBM3': 989e12, 'H100 SXM': 989e12, 'H200': 989e12}
+
+
+def peak_flops(device):
+    if not device.startswith('cuda'):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
+
+
+def throughput(tokens_per_iter, flops_per_token, device, world_size, iter_num):
+    """speed(iter_num, passes): tokens/s, model TFLOP/s and (on a GPU of PEAK_FLOPS) MFU since its previous call (or
+    iteration iter_num), counting `passes` forward/backward passes per step (SAM: 2), all processes together."""
+    peak, last = peak_flops(device), [time.time(), iter_num]
+
+    def speed(iter_num, passes):
+        now = time.time()
+        tokens_per_s = (iter_num - last[1]) * tokens_per_iter / max(now - last[0], 1e-9)
+        flops = tokens_per_s * passes * flops_per_token
+        last[:] = [now, iter_num]
+        return {'tokens_per_s': tokens_per_s, 'tflops': flops / 1e12,
+                **({'mfu': flops / (peak * world_size)} if peak else {})}
+    return speed
 
 
 def estimate_loss(model, get_batch, n_batches, autocast, rank=0, world_size=1):

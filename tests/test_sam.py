@@ -15,9 +15,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model import GPT, GPTConfig  # noqa: E402
 from sam import SAM  # noqa: E402
-from training import train_step  # noqa: E402
+from training import read_stats, train_step as device_train_step  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def train_step(*args, **kwargs):
+    """training.train_step, its stats (0-dim device tensors) read as Python numbers as a log step reads them."""
+    return read_stats([device_train_step(*args, **kwargs)])[0]
 
 V, T = 64, 16
 LR = 1e-2
@@ -274,7 +279,6 @@ def test_first_step_skips_on_non_finite_gradient(bad):
     w0 = params_of(model)
     norm = sam.first_step()
     assert not math.isfinite(norm)
-    assert sam.skipped_steps == 1
     for p, w in zip(model.parameters(), w0):
         assert torch.equal(p.detach(), w)
     sam.restore()
@@ -307,13 +311,12 @@ def test_train_step_non_finite_ascent_gradient_skips_perturbation():
     stats = train_step(model, opt, [(x, y, None)], contextlib.nullcontext(), 1.0, sam=sam)
     assert stats['sam_skipped'] is True
     assert not math.isfinite(stats['ascent_grad_norm'])
-    assert sam.skipped_steps == 1
     # without the move, the descent gradient is the one at w: the step is plain AdamW's
     train_step(ref, opt_ref, [(x, y, None)], contextlib.nullcontext(), 1.0)
     assert_params_equal(ref, model)
     # and the next step is a normal SAM step again
     stats = train_step(model, opt, [batch(1) + (None,)], contextlib.nullcontext(), 1.0, sam=sam)
-    assert stats['sam_skipped'] is False and sam.skipped_steps == 1
+    assert stats['sam_skipped'] is False
 
 
 @pytest.mark.parametrize('use_sam', [False, True])
@@ -451,6 +454,19 @@ def _ddp_worker(rank, world_size, port, out_dir):
                 'params': [p.detach().clone() for p in model.parameters()],
                 'stats': stats,
             }
+        # torch.compile under DDP, as pretrain.py wraps it (DDP(compile(model))): two micro-batches, so the first
+        # backward of each pass runs under no_sync; against the same step in eager mode
+        micro_batches = [(xr[:1], yr[:1], None), (xr[1:], yr[1:], None)]
+        for compiled in (False, True):
+            model = tiny_model()
+            opt = make_adamw(model)
+            ddp = DDP(torch.compile(model, backend=os.environ.get('TEST_COMPILE_BACKEND', 'aot_eager')) if compiled
+                      else model)
+            sam = SAM(opt, rho=RHO)
+            stats = [read_stats([device_train_step(ddp, opt, micro_batches, contextlib.nullcontext(), 1.0, sam=sam)])[0]
+                     for _ in range(2)]
+            result[f'accumulated_compiled={compiled}'] = {'params': [p.detach().clone() for p in model.parameters()],
+                                                          'stats': stats}
         torch.save(result, os.path.join(out_dir, f'rank{rank}.pt'))
     finally:
         dist.destroy_process_group()
@@ -520,6 +536,16 @@ def test_ddp_sam(tmp_path):
         assert abs(r[True]['stats']['grad_norm'] - stats['grad_norm']) < 1e-5
     assert max(abs(a - b).max().item() for a, b in zip(r0[True]['params'], r0[False]['params'])) > 1e-6
 
+    # compiled under DDP with gradient accumulation (no_sync) is the eager step
+    for r in (r0, r1):
+        eager, compiled = r['accumulated_compiled=False'], r['accumulated_compiled=True']
+        for a, b in zip(eager['params'], compiled['params']):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        for se, sc in zip(eager['stats'], compiled['stats']):
+            assert abs(se['loss'] - sc['loss']) < 1e-5 and abs(se['sam_loss'] - sc['sam_loss']) < 1e-5
+    assert max((a - b).abs().max().item() for a, b in zip(r0['accumulated_compiled=True']['params'],
+                                                            tiny_model().parameters())) > 1e-3  # it trained
+
 
 # ---------------------------------------------------------------- torch.compile and bf16
 
@@ -578,3 +604,49 @@ def test_sam_bf16_autocast_cpu():
     for p, w in zip(model.parameters(), w0):
         assert p.dtype == torch.float32 and torch.isfinite(p).all()
     assert any(not torch.equal(p.detach(), w) for p, w in zip(model.parameters(), w0))
+
+
+# ---------------------------------------------------------------- no host-device synchronisation
+
+class NoHostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails on any read of a tensor's value by the host (.item(), bool(), float(): aten._local_scalar_dense), which
+    on a GPU would stall the step until the device catches up."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        assert func is not torch.ops.aten._local_scalar_dense.default, 'the host read a tensor value'
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('use_sam', [False, True])
+def test_train_step_never_reads_device_values_with_fused_adamw(use_sam):
+    """With fused AdamW (pretrain.py's optimizer on CUDA) a step, bad or not, never waits for the host: the guards
+    decide on the device. A bad step still leaves weights and optimizer state as they were."""
+    model = tiny_model()
+    opt = torch.optim.AdamW(model.param_groups(0.1), lr=LR, betas=(0.9, 0.95), eps=1e-4, fused=True)
+    sam = SAM(opt, rho=RHO) if use_sam else None
+    poison = GradPoison(model.lm_head.weight)
+    with NoHostReads():
+        device_train_step(model, opt, [batch(0) + (None,)], contextlib.nullcontext(), 1.0, sam=sam)
+    w0, state0 = params_of(model), copy.deepcopy(opt.state_dict())
+    poison.remaining = 2 if use_sam else 1
+    with NoHostReads():
+        stats = device_train_step(model, opt, [batch(1) + (None,)], contextlib.nullcontext(), 1.0, sam=sam)
+    assert poison.remaining == 0 and not math.isfinite(read_stats([stats])[0]['grad_norm'])
+    assert all(torch.equal(p.detach(), w) for p, w in zip(model.parameters(), w0))
+    for k, s in state0['state'].items():
+        for name, v in s.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(opt.state_dict()['state'][k][name])), (k, name)
+    with NoHostReads():
+        stats = device_train_step(model, opt, [batch(2) + (None,)], contextlib.nullcontext(), 1.0, sam=sam)
+    assert math.isfinite(read_stats([stats])[0]['grad_norm'])
+    assert any(not torch.equal(p.detach(), w) for p, w in zip(model.parameters(), w0))
+    assert all(s['step'].item() == 2 for s in opt.state_dict()['state'].values())  # the bad step was not counted
+
+
+def test_read_stats_keeps_types_and_order():
+    stats = [{'loss': torch.tensor(2.5), 'sam_skipped': torch.tensor(True)},
+             {'loss': torch.tensor(float('nan')), 'grad_norm': torch.tensor(1e-3), 'sam_skipped': torch.tensor(False)}]
+    out = read_stats(stats)
+    assert out[0] == {'loss': 2.5, 'sam_skipped': True}
+    assert math.isnan(out[1]['loss']) and out[1]['grad_norm'] == torch.tensor(1e-3).item()
+    assert out[1]['sam_skipped'] is False and read_stats([]) == []

@@ -11,9 +11,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model import GPT, GPTConfig  # noqa: E402
-from training import estimate_loss, lr_at, train_step  # noqa: E402
+from training import estimate_loss, lr_at, read_stats, train_step as device_train_step  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def train_step(*args, **kwargs):
+    """training.train_step, its stats (0-dim device tensors) read as Python numbers as a log step reads them."""
+    return read_stats([device_train_step(*args, **kwargs)])[0]
 
 PEAK = 3e-4
 
