@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import tempfile
-import time
 
 import torch
 
@@ -76,27 +75,6 @@ def truncate_log(path, iter_num):
         f.writelines(kept)
 
 
-_saves = 0  # checkpoints written by this process, for fault_hook
-
-
-def fault_hook(event, n):
-    """Fault injection for tests/test_reliability.py; does nothing unless FLATMIN_TEST_HOOK is set. With
-    FLATMIN_TEST_HOOK=<event>:<n>:<path>, event number n writes this process's pid to <path> and then sleeps until the
-    test kills it (SIGKILL at an exact point). Events: 'iter' (a training loop about to run iteration n) and 'save'
-    (the n-th checkpoint this process writes: torch.save has returned, the temporary file is not yet closed or
-    renamed). Under DDP only the rank FLATMIN_TEST_HOOK_RANK (default: every rank) stops."""
-    spec = os.environ.get('FLATMIN_TEST_HOOK')
-    if not spec or os.environ.get('FLATMIN_TEST_HOOK_RANK', os.environ.get('RANK')) != os.environ.get('RANK'):
-        return
-    want, at, marker = spec.split(':', 2)
-    if (want, int(at)) == (event, n):
-        with open(marker + '.tmp', 'w') as f:
-            f.write(str(os.getpid()))
-        os.replace(marker + '.tmp', marker)  # the test never reads half a pid
-        while True:
-            time.sleep(60)
-
-
 def write_json(obj, path):
     with atomic_path(path) as tmp, open(tmp, 'w') as f:
         json.dump(obj, f, indent=2)
@@ -113,16 +91,13 @@ def code_version():
 
 
 def save_checkpoint(checkpoint, path):
-    global _saves
     checkpoint = {'format_version': CHECKPOINT_FORMAT, **checkpoint}
-    _saves += 1
     # through a Python file: a full disk is then an OSError (torch.save(path) reports it as an opaque RuntimeError)
     with atomic_path(path) as tmp, open(tmp, 'wb') as f:
         try:
             torch.save(checkpoint, f)
         except RuntimeError as e:
             raise OSError(f"torch.save failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-        fault_hook('save', _saves)
 
 
 def load_checkpoint(path, map_location='cpu'):

@@ -94,6 +94,10 @@ for line in sys.stdin:
         os.environ.update(env)
         os.chdir(cwd)
         sys.argv, sys.path[0] = argv, os.path.dirname(os.path.abspath(argv[0]))
+        if 'FLATMIN_TEST_HOOK' in env:  # tests/test_reliability.py's kill points
+            sys.path.append(os.path.join(cwd, 'tests', 'fault_injection'))
+            import fault_injection
+            fault_injection.install()
         try:
             runpy.run_path(argv[0], run_name='__main__')
             code = 0

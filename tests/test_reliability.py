@@ -1,8 +1,9 @@
 """Crash safety: runs SIGKILLed at exact points (between checkpoints, and while one is being written) resume to the
 weights of a run never stopped, bit for bit; a DDP rank that dies ends the torchrun job at once; numerical guards.
 
-Kill points come from checkpoint.fault_hook: FLATMIN_TEST_HOOK=<event>:<n>:<marker> makes the script write its pid to
-<marker> at that point and sleep until the test SIGKILLs it, so every kill lands exactly where the test says.
+Kill points come from tests/fault_injection (installed from outside the scripts): FLATMIN_TEST_HOOK=<event>:<n>:<marker>
+makes the script write its pid to <marker> at that point and sleep until the test SIGKILLs it, so every kill lands
+exactly where the test says.
 """
 import json
 import os
@@ -19,6 +20,7 @@ import training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
+FAULTS = os.path.join(REPO, 'tests', 'fault_injection')
 # 12 iterations of 2 micro-batches; an evaluation and a checkpoint every 3 (at 3, 6, 9 and the end)
 PRETRAIN = ['--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4',
             '--gradient_accumulation_steps=2', '--max_iters=12', '--warmup_iters=2', '--learning_rate=3e-3',
@@ -50,7 +52,7 @@ def read_log(out):
 
 
 def without_speed(records):
-    return [{k: v for k, v in r.items() if k != 'tokens_per_s'} for r in records]
+    return [{k: v for k, v in r.items() if k not in ('tokens_per_s', 'tflops', 'mfu')} for r in records]
 
 
 def assert_same_tensors(a, b):
@@ -64,7 +66,7 @@ def assert_same_tensors(a, b):
 
 
 def kill_at(fork_script, tmp_path, hook, script, *args):
-    """Run script until fault_hook point `hook` ('iter:N' or 'save:N'), SIGKILL it there."""
+    """Run script until kill point `hook` ('iter:N' or 'save:N', see tests/fault_injection), SIGKILL it there."""
     marker = tmp_path / 'paused'
     proc = fork_script(script, *args, env={'FLATMIN_TEST_HOOK': f'{hook}:{marker}'})
     deadline = time.monotonic() + 120  # a hang guard only
@@ -130,7 +132,6 @@ def test_pretrain_killed_anywhere_resumes_bit_for_bit(fork_script, data_root, re
     assert ours['iter_num'] == 12 and temp_files(out) == []
     assert_same_tensors(ours['model'], theirs['model'])
     assert_same_tensors(ours['optimizer']['state'], theirs['optimizer']['state'])
-    assert ours['best_val_loss'] == theirs['best_val_loss']
     # the log reads as if the run had never stopped: each iteration once, the same losses
     assert without_speed(read_log(out)) == without_speed(read_log(reference(optimizer)))
 
@@ -188,7 +189,8 @@ def test_ddp_rank_death_ends_the_job_then_resumes_on_one_process(fork_script, da
     out, marker = str(tmp_path / 'run'), tmp_path / 'paused'
     args = [f'--data_root={data_root}', f'--out_dir={out}', *PRETRAIN]
     # rank 1 stops at iteration 7 while rank 0 goes on into the step's gradient all-reduce and waits for it there
-    env = {**ENV, 'FLATMIN_TEST_HOOK': f'iter:7:{marker}', 'FLATMIN_TEST_HOOK_RANK': '1'}
+    env = {**ENV, 'FLATMIN_TEST_HOOK': f'iter:7:{marker}', 'FLATMIN_TEST_HOOK_RANK': '1',
+           'PYTHONPATH': os.pathsep.join([FAULTS, REPO])}  # each worker installs the kill point at start-up
     launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
     with subprocess.Popen([*launcher, os.path.join(REPO, 'pretrain.py'), *args], cwd=REPO, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True) as job:
@@ -222,7 +224,7 @@ def poison(monkeypatch):
     """poison(calls, loss=True): the forward/backward passes numbered `calls` (1-based; SAM makes two per step: the
     ascent, then the descent) leave non-finite gradients, and with loss=True a non-finite loss, as an overflow would."""
     def install(calls, loss=True):
-        real, count = training._accumulate_gradients, [0]
+        real, count = training.forward_backward, [0]
 
         def accumulate(model, *args):
             value = real(model, *args)
@@ -232,7 +234,7 @@ def poison(monkeypatch):
                     p.grad.fill_(float('nan'))
                 return value * float('nan') if loss else value
             return value
-        monkeypatch.setattr(training, '_accumulate_gradients', accumulate)
+        monkeypatch.setattr(training, 'forward_backward', accumulate)
     return install
 
 
@@ -277,7 +279,7 @@ def test_max_bad_steps_skips_that_many(run_script, poison, data_root, tmp_path, 
     # the two bad steps never reached AdamW: 10 steps in its state, and finite weights
     assert all(s['step'].item() == 10 for s in ckpt['optimizer']['state'].values())
     assert all(torch.isfinite(t).all() for t in ckpt['model'].values())
-    assert 'step skipped (1 of max_bad_steps)' in result.stdout
+    assert 'step skipped (bad step 1)' in result.stdout
 
 
 def test_sam_logs_a_skipped_perturbation(run_script, poison, data_root, tmp_path):
