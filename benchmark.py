@@ -10,7 +10,7 @@ Training speed on this machine, at the CPU presets' shapes (docs/speed.md has th
    The models take turns, `steps` steps each per round; each ratio is a median over rounds of per-round ratios, so a
    machine whose speed drifts (a shared one) moves both sides of a ratio alike. Compilation's one-time cost is printed.
 2. SAM's cost over AdamW at every CPU preset's shape, as the preset runs it (configs/cpu_small.py, configs/cpu_adamw.py,
-   and the width-32 cpu_small of configs/experiments/cpu_regime.py, compiled): step-time ratio (targets <= 2.05: two
+   and the model of configs/experiments/cpu_regime.py, compiled as it runs there): step-time ratio (targets <= 2.05: two
    forward/backward passes) and SAM's extra peak memory over AdamW / parameter bytes (target <= 1.0: one copy of the
    weights), counted by a tracker of live tensor storage (training.PeakTensorMemory).
 """
@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import config_defaults, load_config
+from config import _parse_value, config_defaults, load_config
 from model import GPT, GPTConfig
 from sam import SAM
 from training import PeakTensorMemory, autocast_context, train_step
@@ -78,11 +78,17 @@ class ReferenceGPT(nn.Module):
         return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
 
+def experiment_model(path):
+    """preset() of an experiment config's `_model` command line (a config file and --key=value overrides)."""
+    config_file, *overrides = runpy.run_path(os.path.join(REPO, path))['_model'].split()
+    return preset(config_file, **{k: _parse_value(v) for k, _, v in (o[2:].partition('=') for o in overrides)})
+
+
 def preset(path, **overrides):
     """The model shape and batch of a config file (pretrain.py's defaults where it says nothing)."""
     c = {'n_head': 8, 'vocab_size': 0, 'gradient_accumulation_steps': 1, 'compile': False,
          **runpy.run_path(os.path.join(REPO, path)), **overrides}
-    vocab = c['vocab_size'] or {'wiki_en_1k': 1024, 'wiki_en': 4096}[c['dataset']]  # prepare.py's BPE sizes
+    vocab = c['vocab_size'] or {'wiki_en_1k': 1024, 'wiki_en': 4096}[c['dataset']]  # as prepared by their configs
     return dict(n_layer=c['n_layer'], n_head=c['n_head'], n_embd=c['n_embd'], block_size=c['block_size'],
                 vocab_size=vocab, batch_size=c['batch_size'], accum=c['gradient_accumulation_steps'],
                 compile=c['compile'])
@@ -162,7 +168,7 @@ if reference:
 if sam:
     print("\n2. SAM / AdamW at each CPU preset's shape, as the preset runs it")
     presets = {'cpu_small': preset('configs/cpu_small.py'), 'cpu_adamw': preset('configs/cpu_adamw.py'),
-               'cpu_regime (width 32)': preset('configs/cpu_small.py', n_embd=32, compile=True)}
+               'cpu_regime': experiment_model('configs/experiments/cpu_regime.py')}
     for name, shape in presets.items():
         trainers = {s: Trainer(shape, compile=shape['compile'], use_sam=s == 'sam') for s in ('adamw', 'sam')}
         warm_up(trainers)
@@ -174,6 +180,7 @@ if sam:
                 trainer.run(2)
             peaks[s] = tracker.peak
         param_bytes = sum(p.numel() * p.element_size() for p in trainers['adamw'].model.parameters())
-        print(f"  {name:22s} {shape['n_layer']} x {shape['n_embd']}{' compiled' if shape['compile'] else ''}: "
+        print(f"  {name:10s} {shape['n_layer']} x {shape['n_embd']}, vocab {shape['vocab_size']}"
+              f"{', compiled' if shape['compile'] else ''}: "
               f"SAM / AdamW step time {median_ratio(times['sam'], times['adamw']):.3f} (target <= 2.05), "
               f"extra memory {(peaks['sam'] - peaks['adamw']) / param_bytes:.3f} x parameter bytes (target <= 1.0)")

@@ -86,8 +86,8 @@ def new_run(shape, use_sam):
 
 def train(model, optimizer, sam, data, dtype, step_model=None):
     """Stats of train_step on each batch of data, read at the end (one sync, as at a log step)."""
-    return read_stats([train_step(model if step_model is None else step_model, optimizer, b, autocast_context(device, dtype), 1.0, sam)
-                       for b in data])
+    step_model = model if step_model is None else step_model
+    return read_stats([train_step(step_model, optimizer, b, autocast_context(device, dtype), 1.0, sam) for b in data])
 
 
 def check_sam_bf16():
@@ -139,8 +139,8 @@ def check_resume():
         return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
     bitwise = all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
     control = all(torch.equal(p, q) for p, q in zip(control.parameters(), reference.parameters()))
-    return {'bitwise_equal': bitwise, 'max_abs_difference': max_diff(model, reference), 'control_bitwise_equal': control,
-            'dtype': dtype, 'passed': bitwise}
+    return {'bitwise_equal': bitwise, 'max_abs_difference': max_diff(model, reference),
+            'control_bitwise_equal': control, 'dtype': dtype, 'passed': bitwise}
 
 
 def measure(size):
@@ -187,7 +187,8 @@ def measure(size):
 
 
 report = {'device': torch.cuda.get_device_name(device) if device.startswith('cuda') else platform.processor() or 'cpu',
-          'torch': torch.__version__, 'peak_bf16_flops': peak_flops(device), 'config': config, 'checks': {}, 'sizes': {}}
+          'torch': torch.__version__, 'peak_bf16_flops': peak_flops(device), 'config': config,
+          'checks': {}, 'sizes': {}}
 for name, run_check in (('sam_bf16', check_sam_bf16), ('resume', check_resume)):
     report['checks'][name] = run_check()
     print(f"check {name}: {'passed' if report['checks'][name]['passed'] else 'FAILED'} {report['checks'][name]}")
