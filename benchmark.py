@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import keys
 from config import _parse_value, config_defaults, load_config
 from model import GPT, GPTConfig
 from sam import SAM
@@ -39,7 +40,7 @@ warmup_steps = 3  # untimed, per model (compilation happens here)
 threads = 0  # torch threads; 0 = torch's default (the number of cores)
 seed = 1337
 # -----------------------------------------------------------------------------
-config = load_config(config_defaults(globals()), sys.argv[1:])
+config = load_config(config_defaults(globals()), sys.argv[1:], keys.BENCHMARK)
 globals().update(config)
 if threads:
     torch.set_num_threads(threads)

@@ -3,12 +3,13 @@ Config loading shared by every stage script, nanoGPT style.
 
 A script defines its defaults as plain top-level variables, then calls
 
-    config = load_config(defaults, sys.argv[1:])
+    config = load_config(config_defaults(globals()), sys.argv[1:], keys.PRETRAIN)
 
 where argv may hold config files (plain Python files whose top-level variables
 override the defaults; they may `from configs.other import *`) and --key=value
-overrides, applied left to right. An unknown key or a value of the wrong type
-stops the script with one line on stderr naming it.
+overrides, applied left to right. Every key is then checked against its
+declaration in keys.py: an unknown key, a value of the wrong type or out of
+range stops the script with one line on stderr naming it.
 """
 import ast
 import os
@@ -22,6 +23,10 @@ CONFIG_TYPES = (bool, int, float, str, type(None), list, tuple, dict)
 
 class ConfigError(Exception):
     pass
+
+
+class UndeclaredKeyError(Exception):
+    """A script's config keys and its table in keys.py differ."""
 
 
 def fail(message, code=2):
@@ -48,53 +53,61 @@ def _parse_value(text):
         return None
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):  # '{[1]: 2}', '((((...'
         return text
 
 
-def _coerce(key, value, default, source):
-    """Type-check value against the default's type; ints are accepted where floats are expected."""
-    if default is None or value is None and default is None:
-        return value
-    expected = type(default)
-    if expected is float and type(value) is int:
-        return float(value)
-    if expected is tuple and type(value) is list or expected is list and type(value) is tuple:
-        return expected(value)
-    if type(value) is not expected:
-        raise ConfigError(f"{source}: {key} must be {expected.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
 def _read_config_file(path):
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path} is a directory; give a config file (configs/*.py)")
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     if REPO_ROOT not in sys.path:  # lets a config file `from configs.base import *`
         sys.path.insert(0, REPO_ROOT)
     try:
         namespace = runpy.run_path(path)
+    except SystemExit as e:
+        raise ConfigError(f"{path} called sys.exit({e.code!r}); a config file only sets variables") from None
     except Exception as e:
         raise ConfigError(f"{path}: {type(e).__name__}: {e}") from None
     return {k: v for k, v in namespace.items()
             if not k.startswith('_') and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
 
 
-def load_config(defaults, argv):
-    """Apply config files and --key=value overrides (in order) to a copy of defaults."""
-    config = dict(defaults)
+def load_config(defaults, argv, declared):
+    """Apply config files and --key=value overrides (in order) to a copy of defaults, then check every key against
+    its declaration (declared: the script's table in keys.py)."""
+    undeclared, stale = sorted(set(defaults) - set(declared)), sorted(set(declared) - set(defaults))
+    if undeclared or stale:  # a programming error, not bad input: loud, with a traceback
+        raise UndeclaredKeyError(f"{os.path.basename(sys.argv[0])}: " + '; '.join(
+            [f"config key {k!r} has no declaration: add a line for it to the script's table in keys.py" for k in undeclared]
+            + [f"keys.py declares {k!r}, which is not a config key of the script: remove its line" for k in stale]))
+    config, sources = dict(defaults), {}
     try:
         for arg in argv:
             if arg.startswith('--'):
                 key, sep, text = arg[2:].partition('=')
                 if not sep:
                     raise ConfigError(f"override {arg!r} must look like --key=value")
-                updates, source = {key: _parse_value(text)}, 'command line'
+                value = _parse_value(text)
+                if key in declared and declared[key].type is str:  # --dataset=none, --out_dir=2024: as typed
+                    value = text
+                updates, source = {key: value}, 'command line'
             else:
                 updates, source = _read_config_file(arg), arg
             for key, value in updates.items():
                 if key not in defaults:
                     raise ConfigError(f"unknown config key {key!r} ({source})")
-                config[key] = _coerce(key, value, defaults[key], source)
+                coerced = declared[key].coerce(value)
+                if coerced is None:
+                    raise ConfigError(f"{key} must be {declared[key].allowed()}, got {type(value).__name__} "
+                                      f"{value!r} ({source})")
+                config[key], sources[key] = coerced, source
+        for key, value in config.items():
+            problem = declared[key].problem(value)
+            if problem:
+                raise ConfigError(f"{key} must be {problem}, got {value!r}" +
+                                  (f" ({sources[key]})" if key in sources else ''))
     except ConfigError as e:
         fail(str(e))
     return config
@@ -105,6 +118,3 @@ def check(condition, message):
     if not condition:
         fail(message)
 
-
-def check_choice(config, key, choices):
-    check(config[key] in choices, f"{key} must be one of {', '.join(map(repr, choices))}, got {config[key]!r}")

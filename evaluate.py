@@ -49,8 +49,9 @@ import sys
 import time
 
 
+import keys
 from checkpoint import build_model, load_checkpoint, load_model, write_json
-from config import check, check_choice, config_defaults, fail, load_config
+from config import check, config_defaults, fail, load_config
 from data import load_meta, load_tokenizer, open_tokens, tokenizer_id, val_batch
 from hf import hf_as_checkpoint, is_hf_source
 from sharpness import hessian_trace, noise_proxy, sam_sharpness, top_hessian_eigenvalue
@@ -60,6 +61,7 @@ from training import autocast_context, estimate_loss, setup_device
 checkpoints = ''  # comma-separated checkpoint paths (or Hugging Face models: hf:NAME, directories)
 hf_revision = ''  # for hf:NAME checkpoints: Hub branch, tag or commit ('' = main)
 out = 'out/eval.json'
+overwrite = False  # allow replacing an existing out
 pretrain_data = ''  # prepared dataset directory; '' = the first checkpoint's data_root/dataset
 eval_iters = 16  # pretraining validation batches (the CPU presets' 16 x 16 x 256 = the whole wiki_en val split)
 batch_size = 16
@@ -88,7 +90,7 @@ lm_eval_score_metrics = ('acc_norm', 'acc', 'exact_match', 'f1')  # a task's sco
 device = 'auto'
 dtype = 'float32'  # losses only ('bfloat16' autocast); sharpness is always float32
 # -----------------------------------------------------------------------------
-config = load_config(config_defaults(globals()), sys.argv[1:])
+config = load_config(config_defaults(globals()), sys.argv[1:], keys.EVALUATE)
 globals().update(config)
 MEASURES = ('noise', 'hessian', 'trace', 'sam')
 paths = [p.strip() for p in checkpoints.split(',') if p.strip()]
@@ -98,21 +100,9 @@ check(paths, "checkpoints must list at least one checkpoint (--checkpoints='out/
 check(len(set(paths)) == len(paths), "checkpoints lists a checkpoint twice")
 for m in measures:
     check(m in MEASURES, f"unknown sharpness measure {m!r}; use a comma-separated subset of {', '.join(MEASURES)}")
-check_choice(config, 'noise_scaling', ('relative', 'absolute'))
-check_choice(config, 'dtype', ('float32', 'bfloat16'))
-for key in ('eval_iters', 'batch_size', 'val_tokens', 'sharpness_batches', 'noise_seeds', 'hessian_iters',
-            'trace_samples'):
-    check(config[key] > 0, f"{key} must be positive, got {config[key]}")
-check(block_size >= 0, f"block_size must be >= 0 (0 = the checkpoint's), got {block_size}")
-check(len(noise_sigmas) > 0 and all(isinstance(s, (int, float)) and s >= 0 for s in noise_sigmas),
-      f"noise_sigmas must be a non-empty list of numbers >= 0, got {noise_sigmas!r}")
-check(hessian_tol >= 0 and sam_rho > 0, "hessian_tol must be >= 0 and sam_rho > 0")
 check(not os.path.isdir(out), f"out {out} is a directory; give a file path such as out/eval.json")
+check(overwrite or not os.path.exists(out), f"{out} exists: pick another --out or pass --overwrite=True")
 lm_tasks = [t.strip() for t in lm_eval_tasks.split(',') if t.strip()]
-check(lm_eval_num_fewshot >= -1 and lm_eval_limit >= 0 and lm_eval_batch_size > 0,
-      "need lm_eval_num_fewshot >= -1, lm_eval_limit >= 0 and lm_eval_batch_size > 0")
-check(len(lm_eval_score_metrics) > 0 and all(isinstance(m, str) and m for m in lm_eval_score_metrics),
-      f"lm_eval_score_metrics must be a non-empty tuple of metric names, got {lm_eval_score_metrics!r}")
 check(not lm_eval_include_path or os.path.isdir(lm_eval_include_path),
       f"lm_eval_include_path {lm_eval_include_path} is not a directory")
 if lm_tasks:

@@ -34,8 +34,9 @@ import time
 import torch
 from tqdm import tqdm
 
+import keys
 from checkpoint import append_jsonl, write_json
-from config import REPO_ROOT, check, check_choice, config_defaults, fail, load_config
+from config import REPO_ROOT, check, config_defaults, fail, load_config
 from report import read_json, write_report
 
 # -----------------------------------------------------------------------------
@@ -87,21 +88,17 @@ multi_gpu = 'torchrun'  # several GPUs: 'torchrun' = pretrain/finetune on all of
 dry_run = False  # print the stages and their state, run nothing
 report_only = False  # rewrite the report from the stage outputs there are, run nothing
 # -----------------------------------------------------------------------------
-config = load_config(config_defaults(globals()), sys.argv[1:])
+config = load_config(config_defaults(globals()), sys.argv[1:], keys.EXPERIMENT)
 globals().update(config)
 check(bool(bases) and all(isinstance(v, str) for v in bases.values()), "bases must map names to pretrain.py arguments")
 check(baseline in bases, f"baseline {baseline!r} is not one of the bases: {', '.join(bases)}")
 check(all(a in bases and b in bases and a != b for a, b in comparisons.items()),
       f"comparisons must map a base model to another base model, got {comparisons!r}")
 check(all(re.fullmatch(r'[\w.-]+', name) for name in bases), "base names may hold letters, digits, '_', '.', '-'")
-check(len(seeds) > 0 and all(type(s) is int for s in seeds), f"seeds must be a tuple of ints, got {seeds!r}")
 check(len(set(seeds)) == len(seeds), f"seeds repeat: {seeds!r}")
 check(all(t in tasks for t in task_learning_rates), "task_learning_rates names a task that is not in tasks")
-check(all(lr > 0 for t in tasks for lr in task_learning_rates.get(t, learning_rates)), "learning rates must be > 0")
-check(jobs >= 0, f"jobs must be >= 0, got {jobs}")
-check_choice(config, 'multi_gpu', ('torchrun', 'spread'))
-check(all(m in ('nf4', 'fp4', 'int8', 'rtn') for m in quantize_methods),
-      f"quantize_methods may hold 'nf4', 'fp4', 'int8', 'rtn'; got {quantize_methods!r}")
+check(all(type(lr) in (int, float) and lr > 0 for lrs in task_learning_rates.values() for lr in lrs),
+      "task_learning_rates must map tasks to tuples of learning rates > 0")
 
 n_gpus = torch.cuda.device_count()
 if jobs == 0:
@@ -199,7 +196,7 @@ def command(stage):
     interrupted = marker.get('key') == stage['key'] and os.path.exists(os.path.join(stage['dir'], 'ckpt.pt'))
     if stage['kind'] in ('pretrain', 'finetune') and interrupted:  # the same run stopped: continue it exactly
         args = [a for a in args if not a.startswith('--init_from=')] + ['--init_from=resume']
-    elif stage['kind'] in ('pretrain', 'finetune', 'quantize'):
+    elif stage['kind'] in ('pretrain', 'finetune', 'quantize', 'evaluate'):
         args.append('--overwrite=True')  # leftovers of a changed or failed run
     if stage['kind'] in ('pretrain', 'finetune'):  # tracking: appended here, outside the stage key
         args += ['--wandb_log=True', f'--wandb_project={wandb_project}', f'--wandb_run_name={stage["name"]}',

@@ -21,8 +21,9 @@ from dataclasses import asdict
 
 import torch
 
+import keys
 from checkpoint import code_version, load_model, write_json
-from config import check, check_choice, config_defaults, fail, load_config
+from config import check, config_defaults, fail, load_config
 from data import get_named_encoding, load_meta, load_tokenizer, tokenizer_id
 from hf import TOKENIZER_FILES, atomic_dir, check_tokenizer, export_state, hf_config, write_tokenizer
 
@@ -36,10 +37,8 @@ tokenizer = ''  # '' = the checkpoint's own (its training data's tokenizer file,
 # checkpoint's data when that is at hand); 'skip' = no tokenizer files
 verify = True  # reload with transformers and compare logits before putting the directory in place
 # -----------------------------------------------------------------------------
-config = load_config(config_defaults(globals()), sys.argv[1:])
+config = load_config(config_defaults(globals()), sys.argv[1:], keys.EXPORT_HF)
 globals().update(config)
-check(init_from and out_dir, "both --init_from=<checkpoint> and --out_dir=<directory> are required")
-check_choice(config, 'dtype', ('float32', 'bfloat16'))
 check(overwrite or not os.path.exists(out_dir), f"{out_dir} exists: pick another --out_dir or pass --overwrite=True")
 try:
     import safetensors.torch

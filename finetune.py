@@ -40,9 +40,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import keys
 from checkpoint import (append_jsonl, build_model, code_version, load_checkpoint, remove_stale_temp_files,
                         save_checkpoint, truncate_log, write_json)
-from config import check, check_choice, config_defaults, fail, load_config
+from config import check, config_defaults, fail, load_config
 from data import load_meta, load_tokenizer, open_tokens, sample_chunks, tokenizer_id, val_batch
 from hf import hf_as_checkpoint, is_hf_source
 from tasks import task_tensors
@@ -94,19 +95,9 @@ device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'cuda:N'
 dtype = 'auto'  # 'auto' (bfloat16 on GPUs that have it) | 'bfloat16' | 'float32'
 compile = False
 # -----------------------------------------------------------------------------
-config = load_config(config_defaults(globals()), sys.argv[1:])
+config = load_config(config_defaults(globals()), sys.argv[1:], keys.FINETUNE)
 globals().update(config)
-check_choice(config, 'dtype', ('auto', 'bfloat16', 'float32'))
-check_choice(config, 'source', ('offline', 'hub'))
-check(init_from not in ('', 'scratch'),
-      f"init_from must be the path of a base checkpoint or 'resume', got {init_from!r}")
-check(max_bad_steps >= 0, f"max_bad_steps must be >= 0, got {max_bad_steps}")
-for key in ('max_tokens', 'val_tokens', 'batch_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters',
-            'log_interval'):
-    check(config[key] > 0, f"{key} must be positive, got {config[key]}")
-check(block_size >= 0, f"block_size must be >= 0 (0 = the base model's), got {block_size}")
-check(0 <= warmup_fraction < 1 and 0 <= min_lr_ratio <= 1, "need 0 <= warmup_fraction < 1 and 0 <= min_lr_ratio <= 1")
-check(learning_rate > 0 and weight_decay >= 0 and grad_clip >= 0, "learning_rate must be > 0, weight_decay and grad_clip >= 0")
+check(init_from != 'scratch', "init_from must be the path of a base checkpoint or 'resume', got 'scratch'")
 check_installed(config)
 
 ddp, rank, world_size, device, local_accum, dtype, autocast = setup_run(device, dtype, gradient_accumulation_steps, seed)

@@ -14,6 +14,7 @@ It holds no optimizer state: none is published.
 import os
 import sys
 
+import keys
 from checkpoint import code_version, save_checkpoint
 from config import check, config_defaults, load_config
 from data import load_meta
@@ -28,9 +29,8 @@ data_root = 'data'
 dataset = 'wiki_en'  # its pretraining data as prepared by prepare.py (OLMo-2: --tokenizer=cl100k_base)
 block_size = 0  # context the checkpoint records; 0 = the model's max_position_embeddings
 # -----------------------------------------------------------------------------
-config = load_config(config_defaults(globals()), sys.argv[1:])
+config = load_config(config_defaults(globals()), sys.argv[1:], keys.IMPORT_HF)
 globals().update(config)
-check(init_from and out_dir, "both --init_from=<hf:NAME or directory> and --out_dir=<directory> are required")
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 check(overwrite or not os.path.exists(ckpt_path), f"{ckpt_path} exists: pick another --out_dir or pass --overwrite=True")
 meta = load_meta(os.path.join(data_root, dataset))

@@ -22,6 +22,7 @@ Not included: the CUDA context and allocator fragmentation (typically 1-3 GiB), 
 """
 import sys
 
+import keys
 import torch
 
 from config import config_defaults, load_config
@@ -45,8 +46,11 @@ measure_heads = 4
 measure_block = 256
 seed = 1337
 # -----------------------------------------------------------------------------
-config = load_config(config_defaults(globals()), sys.argv[1:])
+config = load_config(config_defaults(globals()), sys.argv[1:], keys.MEMORY_BUDGET)
 globals().update(config)
+keys.check_model_shape(n_embd, n_head)
+for width in measure_widths:
+    keys.check_model_shape(width, measure_heads)
 GIB = 2 ** 30
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
+import keys
 from checkpoint import atomic_path, write_json
 from config import check, config_defaults, fail, load_config
 from data import (WIKI, get_named_encoding, hf_rows, hf_to_tiktoken, load_meta, load_tokenizer, tiktoken_bpe_bytes,
@@ -47,14 +48,8 @@ val_fraction = 0.05
 seed = 1337
 overwrite = False
 # -----------------------------------------------------------------------------
-config = load_config(config_defaults(globals()), sys.argv[1:])
+config = load_config(config_defaults(globals()), sys.argv[1:], keys.PREPARE)
 globals().update(config)
-check(dataset not in ('', '.', '..') and '/' not in dataset, f"dataset must be a plain directory name, got {dataset!r}")
-check(0 < val_fraction < 1, f"val_fraction must be in (0, 1), got {val_fraction}")
-check(max_docs == -1 or max_docs > 0, f"max_docs must be -1 or positive, got {max_docs}")
-check(max_tokens == -1 or max_tokens > 0, f"max_tokens must be -1 or positive, got {max_tokens}")
-check(258 <= vocab_size < 2**32, f"vocab_size must be in [258, 2**32) (256 bytes + a merge + <|endoftext|>), got {vocab_size}")
-check(seed >= 0, f"seed must be >= 0, got {seed}")
 check(not source.startswith('hf:') or max_docs > 0 or max_tokens > 0,
       f"source {source} is streamed from the hub: set --max_tokens (or --max_docs) to say how much to read")
 out_dir = os.path.join(data_root, dataset)

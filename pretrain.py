@@ -18,9 +18,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import keys
 from checkpoint import (append_jsonl, build_model, code_version, load_checkpoint, remove_stale_temp_files,
                         save_checkpoint, truncate_log)
-from config import check, check_choice, config_defaults, fail, load_config
+from config import check, config_defaults, fail, load_config
 from data import load_meta, open_tokens, tokenizer_id, train_batch, val_batch
 from hf import hf_checkpoint, is_hf_source
 from model import GPT, GPTConfig
@@ -95,25 +96,11 @@ device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'cuda:N'
 dtype = 'auto'  # 'auto' (bfloat16 on GPUs that have it) | 'bfloat16' | 'float32'
 compile = False
 # -----------------------------------------------------------------------------
-config = load_config(config_defaults(globals()), sys.argv[1:])
+config = load_config(config_defaults(globals()), sys.argv[1:], keys.PRETRAIN)
 globals().update(config)
-check_choice(config, 'optimizer', ('adamw', 'sam'))
-check_choice(config, 'lr_schedule', ('cosine', 'wsd', 'constant'))
-check_choice(config, 'dtype', ('auto', 'bfloat16', 'float32'))
-check_choice(config, 'norm_position', ('pre', 'post'))
-check(sam_rho >= 0, f"sam_rho must be >= 0, got {sam_rho}")
-check(0 < anneal_fraction <= 1, f"anneal_fraction must be in (0, 1], got {anneal_fraction}")
-check(0 <= min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
-check(max_iters > 0, f"max_iters must be positive, got {max_iters}")
-check(0 <= warmup_iters <= max_iters, f"warmup_iters ({warmup_iters}) must be between 0 and max_iters ({max_iters})")
-check(0 <= sam_start_fraction <= sam_end_fraction <= 1, "need 0 <= sam_start_fraction <= sam_end_fraction <= 1")
-for key in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'log_interval',
-            'n_layer', 'n_head', 'n_embd'):
-    check(config[key] > 0, f"{key} must be positive, got {config[key]}")
-check(n_embd % n_head == 0 and (n_embd // n_head) % 2 == 0, f"n_embd ({n_embd}) / n_head ({n_head}) must be an even integer")
-check(learning_rate > 0 and weight_decay >= 0 and grad_clip >= 0, "learning_rate must be > 0, weight_decay and grad_clip >= 0")
-check(max_bad_steps >= 0, f"max_bad_steps must be >= 0, got {max_bad_steps}")
-check(max_train_tokens >= 0, f"max_train_tokens must be >= 0, got {max_train_tokens}")
+check(warmup_iters <= max_iters, f"warmup_iters ({warmup_iters}) must be <= max_iters ({max_iters})")
+check(sam_start_fraction <= sam_end_fraction, "sam_start_fraction must be <= sam_end_fraction")
+keys.check_model_shape(n_embd, n_head, n_kv_head)
 check_installed(config)
 
 ddp, rank, world_size, device, local_accum, dtype, autocast = setup_run(device, dtype, gradient_accumulation_steps, seed)

@@ -40,8 +40,9 @@ import time
 import torch
 import torch.nn as nn
 
+import keys
 from checkpoint import build_model, code_version, load_model, save_checkpoint, write_json
-from config import check, check_choice, config_defaults, fail, load_config
+from config import check, config_defaults, fail, load_config
 from hf import hf_as_checkpoint, is_hf_source
 
 # bitsandbytes' CPU backend logs a warning at import when an optional Hub kernel is absent (not used here);
@@ -65,18 +66,12 @@ quantize_embeddings = False
 quantize_head = False
 save_packed = False  # nf4/fp4: also store the packed 4-bit state (to rebuild bnb Linear4bit layers)
 # -----------------------------------------------------------------------------
-config = load_config(config_defaults(globals()), sys.argv[1:])
+config = load_config(config_defaults(globals()), sys.argv[1:], keys.QUANTIZE)
 globals().update(config)
-check_choice(config, 'method', ('nf4', 'fp4', 'int8', 'rtn'))
-check(init_from != '', "init_from must name the checkpoint to quantize (--init_from=out/run/ckpt.pt)")
-check(out_dir != '', "out_dir must be set (--out_dir=out/run_nf4)")
 # the block sizes bitsandbytes documents for its kernels (the CPU op takes more for 8-bit; CUDA does not)
 BNB_BLOCKSIZES = {'nf4': (32, 64, 128, 256, 512, 1024, 2048, 4096), 'fp4': (32, 64, 128, 256, 512, 1024, 2048, 4096),
                   'int8': (64, 128, 256, 512, 1024, 2048, 4096)}
-if method == 'rtn':
-    check(2 <= bits <= 8, f"bits must be in [2, 8] for rtn, got {bits}")
-    check(group_size > 0 or group_size == -1, f"group_size must be positive or -1 (a whole row), got {group_size}")
-else:
+if method != 'rtn':
     check(blocksize in BNB_BLOCKSIZES[method],
           f"blocksize {blocksize} is not supported by bitsandbytes {method}; use one of {BNB_BLOCKSIZES[method]}")
 check(not save_packed or method in ('nf4', 'fp4'), f"save_packed is for nf4/fp4 (Linear4bit); not for {method}")

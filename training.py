@@ -24,6 +24,8 @@ def setup_device(device):
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if device.startswith('cuda') and not torch.cuda.is_available():
         fail(f"device={device!r} but no CUDA device is available (use --device=cpu)")
+    if device.startswith('cuda:') and int(device[5:]) >= torch.cuda.device_count():
+        fail(f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0, ...)")
     ddp = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
     if not ddp:
         return False, 0, 1, device
