@@ -73,10 +73,10 @@ def hf_texts(name):
 def file_texts(path):
     try:
         if path.endswith('.txt'):
-            with open(path, encoding='utf-8') as f:
+            with open(path, encoding='utf-8-sig') as f:  # -sig: a leading byte-order mark is not text
                 yield f.read()
         elif path.endswith('.jsonl'):
-            with open(path, encoding='utf-8') as f:
+            with open(path, encoding='utf-8-sig') as f:
                 for lineno, line in enumerate(f, 1):
                     row = json.loads(line) if line.strip() else {text_field: ''}
                     check(isinstance(row, dict) and isinstance(row.get(text_field), str),

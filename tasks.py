@@ -176,7 +176,7 @@ def checked_example(row, where):
 
 def jsonl_examples(path):
     try:
-        with open(path, encoding='utf-8') as f:
+        with open(path, encoding='utf-8-sig') as f:  # -sig: a leading byte-order mark is not JSON
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue

@@ -112,20 +112,23 @@ def test_reuse_tokenizer_gives_same_ids(wiki, tmp_path):
     assert sorted(decoded_documents(str(tmp_path / 'fr'))) == sorted(french)
 
 
-@pytest.mark.parametrize('kind', ['txt', 'jsonl', 'parquet', 'dir'])
+@pytest.mark.parametrize('kind', ['txt', 'jsonl', 'parquet', 'dir', 'bom'])
 def test_local_sources(wiki, tmp_path, kind):
+    # bom: the directory's files start with a UTF-8 byte-order mark (as some Windows editors write them)
+    encoding = 'utf-8-sig' if kind == 'bom' else 'utf-8'
+    kind = 'dir' if kind == 'bom' else kind
     docs = [f"document {i}: {'Ünïcode ' * (i % 3)}line one\n\nline two {i * 7}" for i in range(20)]
     src = tmp_path / 'src'
     src.mkdir()
     args = []
     if kind in ('txt', 'dir'):
         for i, d in enumerate(docs[:10]):
-            (src / f'{i:02d}.txt').write_text(d, encoding='utf-8')
+            (src / f'{i:02d}.txt').write_text(d, encoding=encoding)
         source = str(src / '*.txt')
     if kind in ('jsonl', 'dir'):
         field = 'body' if kind == 'jsonl' else 'text'
         lines = [json.dumps({field: d, 'id': i}) for i, d in enumerate(docs[10:])]
-        (src / 'docs.jsonl').write_text('\n'.join(lines[:5]) + '\n\n' + '\n'.join(lines[5:]) + '\n', encoding='utf-8')
+        (src / 'docs.jsonl').write_text('\n'.join(lines[:5]) + '\n\n' + '\n'.join(lines[5:]) + '\n', encoding=encoding)
         source, args = str(src / 'docs.jsonl'), [f'--text_field={field}']
     if kind == 'parquet':
         import pyarrow as pa

@@ -275,6 +275,8 @@ BAD = {
     'empty_pretrain_val': (short_val_split, ['val.bin', 'shorter than block_size+1']),
     'empty_task_val': (no_val_examples, ['empty.jsonl', 'holds 0 tokens']),
     'unknown_scaling': (lambda tmp_path, ckpt: [f'--checkpoints={ckpt}', '--noise_scaling=global'], ['noise_scaling']),
+    'out_exists': (lambda tmp_path, ckpt: [f'--checkpoints={ckpt}', '--overwrite=False'],
+                   ['eval.json exists', '--overwrite=True']),
 }
 
 
@@ -282,7 +284,8 @@ def check_bad(run, tiny_ckpt, tmp_path, name):
     make_args, phrases = BAD[name]
     out = tmp_path / 'eval.json'
     out.write_text('{"an": "earlier result"}\n')
-    result = run('evaluate.py', *make_args(tmp_path, tiny_ckpt), f'--out={out}', *EVAL_ARGS)
+    # --overwrite=True: a failing start must leave the earlier result alone even so
+    result = run('evaluate.py', f'--out={out}', '--overwrite=True', *EVAL_ARGS, *make_args(tmp_path, tiny_ckpt))
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith('evaluate.py: error: '), result.stderr

@@ -162,7 +162,7 @@ def _bad_cases():
 
     fixed = lambda *args: lambda tmp_path, wiki, out: list(args)  # noqa: E731
     return {
-        'no_init_from': (fixed('--init_from='), ['init_from must be the path of a base checkpoint']),
+        'no_init_from': (fixed('--init_from='), ["init_from must be the base checkpoint's path, or 'resume', got ''"]),
         'resume_other_learning_rate': (fixed('--init_from=resume'), ['resume: learning_rate=0.0001', '0.03']),
         'missing_checkpoint': (lambda tmp_path, wiki, out: [f'--init_from={tmp_path / "nope.pt"}'],
                                ['checkpoint not found', 'nope.pt']),

@@ -273,8 +273,8 @@ def _bad_cases():
     fixed = lambda *args: lambda tmp_path, wiki: list(args)  # noqa: E731
     return [
         ('unknown_key', fixed('--n_layers=2'), ["unknown config key 'n_layers'"]),
-        ('wrong_type_int', fixed('--max_iters=abc'), ['max_iters must be int', "'abc'"]),
-        ('wrong_type_float', fixed('--learning_rate="x"'), ['learning_rate must be float']),
+        ('wrong_type_int', fixed('--max_iters=abc'), ['max_iters must be an int >= 1, got str', "'abc'"]),
+        ('wrong_type_float', fixed('--learning_rate="x"'), ['learning_rate must be a number > 0, got str']),
         ('not_key_value', fixed('--overwrite'), ["'--overwrite'", '--key=value']),
         ('negative_rho', fixed('--sam_rho=-0.1'), ['sam_rho']),
         ('anneal_zero', fixed('--lr_schedule=wsd', '--anneal_fraction=0'), ['anneal_fraction']),

@@ -172,6 +172,12 @@ def test_user_jsonl(enc, tmp_path):
     assert 0 < int(mask.sum()) < mask.numel()  # chat prompts untrained, the rest trained
 
 
+def test_jsonl_with_byte_order_mark(tmp_path):
+    path = tmp_path / 'bom.jsonl'
+    path.write_text(json.dumps({'text': 'first'}) + '\n' + json.dumps({'text': 'second'}) + '\n', encoding='utf-8-sig')
+    assert list(tasks.jsonl_examples(str(path))) == [{'text': 'first'}, {'text': 'second'}]
+
+
 @pytest.mark.parametrize('row,phrases', [
     ({'prompt': 'x', 'completion': 'y'}, ['mine.jsonl:2', 'expected', '"messages"', '"text"']),
     ({'messages': [{'role': 'user', 'content': 'hi'}]}, ['mine.jsonl:2', 'at least one assistant']),
