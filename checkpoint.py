@@ -14,7 +14,7 @@ import tempfile
 
 import torch
 
-from config import fail
+from config import fail, is_allocation_failure
 
 CHECKPOINT_FORMAT = 1
 
@@ -125,6 +125,9 @@ def build_model(model_args, state_dict, path, check_only=False):
             model = GPT(GPTConfig(**model_args))
         model.load_state_dict(state_dict, assign=check_only)
     except (TypeError, RuntimeError) as e:  # load_state_dict's first line is a heading: say which keys differ
+        if is_allocation_failure(e):
+            fail(f"out of memory building the model of {path} (block_size {model_args.get('block_size')}): "
+                 f"lower block_size or use a machine with more memory")
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         detail = lines[1] if len(lines) > 1 and lines[0].startswith('Error(s) in loading') else lines[0]
         fail(f"checkpoint {path} does not match this code's model ({detail[:200]})")

@@ -12,7 +12,9 @@ declaration in keys.py: an unknown key, a value of the wrong type or out of
 range stops the script with one line on stderr naming it.
 """
 import ast
+import contextlib
 import os
+import re
 import runpy
 import sys
 import types
@@ -111,6 +113,24 @@ def load_config(defaults, argv, declared):
     except ConfigError as e:
         fail(str(e))
     return config
+
+
+def is_allocation_failure(e):
+    """A failed allocation (torch's CPU allocator, CUDA out of memory, MemoryError): sizes too large, not a bug."""
+    return isinstance(e, MemoryError) or isinstance(e, RuntimeError) and any(
+        phrase in str(e) for phrase in ("can't allocate memory", 'out of memory', 'Cannot allocate memory'))
+
+
+@contextlib.contextmanager
+def sized_by(keys_text):
+    """Under it, a failed allocation is one line naming the config keys that set the sizes (keys_text)."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as e:
+        if not is_allocation_failure(e):
+            raise
+        tried = re.search(r'allocate (\d+) bytes', str(e))
+        fail(f"out of memory: lower {keys_text}" + (f" (it needed {int(tried[1]) / 2**30:,.1f} GiB at once)" if tried else ''))
 
 
 def check(condition, message):

@@ -21,7 +21,7 @@ from tqdm import tqdm
 import keys
 from checkpoint import (append_jsonl, build_model, code_version, load_checkpoint, remove_stale_temp_files,
                         save_checkpoint, truncate_log)
-from config import check, config_defaults, fail, load_config
+from config import check, config_defaults, fail, load_config, sized_by
 from data import load_meta, open_tokens, tokenizer_id, train_batch, val_batch
 from hf import hf_checkpoint, is_hf_source
 from model import GPT, GPTConfig
@@ -156,8 +156,9 @@ else:
              f"fingerprint {checkpoint.get('data_fingerprint')} vs {meta.get('fingerprint')})")
 check(meta['vocab_size'] <= model_args['vocab_size'],
       f"dataset vocabulary ({meta['vocab_size']}) is larger than the model's vocab_size ({model_args['vocab_size']})")
-model = GPT(GPTConfig(**model_args)) if checkpoint is None else build_model(model_args, checkpoint['model'], source_path)
-model.to(device)
+with sized_by('n_layer, n_embd, intermediate_size, vocab_size or block_size'):
+    model = GPT(GPTConfig(**model_args)) if checkpoint is None else build_model(model_args, checkpoint['model'], source_path)
+    model.to(device)
 base_optimizer = adamw(model.param_groups(weight_decay, decay_embeddings), device, lr=learning_rate,
                        betas=(beta1, beta2), eps=eps)
 iter_num, bad_steps = 0, 0

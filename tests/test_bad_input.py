@@ -229,6 +229,8 @@ CASES = {
                                    {}),
     'pretrain/int_key_given_float': ('pretrain.py', fixed('--stop_at_iter=5.5'),
                                      ['stop_at_iter must be -1 or an int >= 0, got float 5.5'], {}),
+    'pretrain/model_past_address_space': ('pretrain.py', fixed('--n_embd=16777216', '--n_head=2', '--overwrite=True'),
+                                          ['out of memory: lower n_layer, n_embd', 'GiB at once'], {}),
     # pretrain.py: outputs
     'pretrain/out_dir_under_a_file': ('pretrain.py', under_a_file('out_dir', 'run'),
                                       ['could not write', 'Not a directory'], {}),
