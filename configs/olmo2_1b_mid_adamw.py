@@ -1,4 +1,4 @@
-# The paper's OLMo-2-1B mid-training, AdamW arm (PAPER.md, "OLMo-2-1B mid-training"): start from the last
+# The paper's OLMo-2-1B mid-training, AdamW arm (docs/paper.md, "1B mid-training"): start from the last
 # stage-1 checkpoint of allenai/OLMo-2-0425-1B (4T tokens; the one OLMo-2's own stage-2 "ingredients" start from),
 # 50B tokens of the stage-2 Dolmino mix at 1024 x 2048 tokens per step, lr 7.45e-5 (stage 1's final lr) decaying
 # linearly to 0 with no warmup, weight decay 0.1 except on embeddings, clip 1.0, z-loss 1e-5, bf16 autocast.
@@ -14,7 +14,7 @@
 # published run's did, identically in the AdamW and SAM arms. If the loss spikes there, --warmup_iters=50 (linear
 # from 0) is the conservative alternative; log.jsonl's loss and grad_norm of the first 100 steps tell.
 #
-# Memory (python memory_budget.py; README, "OLMo-2 interop and 1B mid-training"): with SAM under plain DDP a GPU
+# Memory (python memory_budget.py; docs/olmo2.md, "The 1B mid-training configs"): with SAM under plain DDP a GPU
 # holds ~35 GiB of model state plus ~10.7 GiB of activations per 2048-token sequence; 2 sequences per micro-step
 # (~56 GiB) leave room on an 80 GB GPU, 4 (~77 GiB) do not once the CUDA context and fragmentation are added.
 # gradient_accumulation_steps counts micro-steps over all GPUs: 512 x 2 = 1024 sequences on any number of GPUs

@@ -3,9 +3,11 @@
 # setting. Needs a small OLMo-2 saved by transformers with vocab_size >= the data's and the shape below, e.g. the
 # one tests/test_hf.py makes, and the embedded corpus (python prepare.py):
 #   python pretrain.py configs/olmo2_tiny_mid.py --init_from=<that directory>
-from configs.olmo2_1b_mid_sam import *
+from configs.olmo2_1b_mid_adamw import *
 
 out_dir = 'out/olmo2_tiny_mid'
+optimizer = 'sam'  # as configs/olmo2_1b_mid_sam.py
+sam_rho = 0.05
 init_from = ''
 hf_revision = ''
 dataset = 'wiki_en'
