@@ -83,12 +83,12 @@ if os.path.exists(ckpt_path) and not overwrite:
 
 # model ------------------------------------------------------------------------
 if is_hf_source(init_from):
-    source = hf_as_checkpoint(init_from, hf_revision, pretrain_data)
-    model = build_model(source['model_args'], source['model'], init_from).eval()
+    original = hf_as_checkpoint(init_from, hf_revision, pretrain_data)
+    model = build_model(original['model_args'], original['model'], init_from).eval()
 else:
-    model, source = load_model(init_from)
-if 'quantization' in source:
-    fail(f"{init_from} is already quantized ({source['quantization'].get('method')}); quantize the original checkpoint")
+    model, original = load_model(init_from)
+if 'quantization' in original:
+    fail(f"{init_from} is already quantized ({original['quantization'].get('method')}); quantize the original checkpoint")
 names = [f'blocks.{name}.weight' for name, m in model.blocks.named_modules() if isinstance(m, nn.Linear)]
 names += ['wte.weight'] * quantize_embeddings + ['lm_head.weight'] * quantize_head
 state = model.state_dict()
@@ -175,7 +175,7 @@ record = {
 }
 
 # save -------------------------------------------------------------------------
-checkpoint = {k: v for k, v in source.items() if k not in ('optimizer', 'format_version')}
+checkpoint = {k: v for k, v in original.items() if k not in ('optimizer', 'format_version')}
 checkpoint.update(model=new_state, quantization=record)
 if save_packed:
     checkpoint['quantized_state'] = packed_state
