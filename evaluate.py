@@ -2,52 +2,24 @@
 Evaluate checkpoints (base, fine-tuned, quantized) on the same data: pretraining validation loss (forgetting),
 fine-tuning task validation loss (learning) and, optionally, sharpness.
 
-    python evaluate.py --checkpoints='out/a/ckpt.pt,out/b/ckpt.pt' --tasks='gsm8k' --sharpness='noise,hessian,trace,sam' --out=out/eval.json
+    python evaluate.py --checkpoints='out/a/ckpt.pt,out/b/ckpt.pt' --tasks=gsm8k --out=out/eval.json
+    python evaluate.py --checkpoints=out/a/ckpt.pt --sharpness='noise,hessian,trace,sam' --out=out/a_sharpness.json
     python evaluate.py --checkpoints='out/sam/ckpt.pt,out/sam_nf4/ckpt.pt' --lm_eval_tasks=arc_challenge,hellaswag \
         --lm_eval_num_fewshot=0 --lm_eval_limit=500      # benchmark scores with lm-evaluation-harness
     python evaluate.py --checkpoints=hf:allenai/OLMo-2-0425-1B --hf_revision=stage1-step1907359-tokens4001B \
         --pretrain_data=data/dolmino --lm_eval_tasks=arc_challenge   # a Hugging Face model (hf.py) as any checkpoint
 
-Checkpoints: ours (pretrain.py's, finetune.py's, quantize.py's) or Hugging Face models (hf:NAME with hf_revision, or a
-local directory), the latter with pretrain_data prepared with their tokenizer.
-
-Pretraining validation: the first eval_iters fixed batches (data.val_batch) of batch_size x block_size tokens of one
-prepared dataset for the whole run - pretrain_data, else the first checkpoint's data_root/dataset - so every
-checkpoint is scored on the same tokens; a checkpoint whose tokenizer differs from that data's is refused.
-Tasks: tasks.task_tensors(task, 'val', ...) (val_tokens tokens from `source`), built once; the loss is
-the per-token mean over all trained (masked) tokens. ppl = exp(loss).
-
-Sharpness (sharpness.py, float32, eval mode, on pretraining validation batches):
-  noise    the paper's proxy: loss over the eval_iters batches after Gaussian noise on every tensor at each of
-           noise_sigmas, mean of noise_seeds seeds; noise_scaling 'absolute' (std = sigma, the default)
-           or 'relative' (std = sigma * rms(W)). PAPER.md calls the authors' rule ambiguous; we default to
-           absolute because on the CPU preset (weights ~0.02) the paper's grid then spans +0.035 to +4.2 nats,
-           while relative noise moves the loss by < 0.01 over the whole grid (measured with this script).
-  hessian  top Hessian eigenvalue by Lanczos (at most hessian_iters HVPs; stops at a relative residual hessian_tol)
-  trace    Hessian trace by Hutchinson, trace_samples Rademacher probes
-  sam      L(w + sam_rho g/||g||) - L(w)
-hessian, trace and sam use the first sharpness_batches of the validation batches (HVPs are costly).
-
-Benchmarks (lm_eval_tasks; lm-evaluation-harness 0.4, an optional package): the model is handed to lm-eval's HFLM as
-the transformers model export_hf.py would write (hf.to_transformers: the same weights in memory, no export step) with
-its tokenizer converted from ours, so lm-eval's own request handling (context/continuation splitting, batching,
-generation, stop sequences) applies unchanged. A quantized checkpoint is evaluated with its dequantized weights:
-exactly the numbers quantize.py's 4-bit model computes with, the same weights its losses here come from.
-lm_eval_include_path adds a directory of task YAMLs (lm-eval's TaskManager include_path). Each task's score is its
-first metric of lm_eval_score_metrics; `score` is their mean over the tasks that have one (analysis.score_drop).
-
-Output (JSON, rewritten atomically after each checkpoint, so a long run keeps what it finished):
-  {checkpoint: {pretrain_val_loss, pretrain_ppl, tasks: {task: {loss, ppl, tokens}}, sharpness: {measure: {...}},
-                lm_eval: {score, scores: {task: score}, results: {task: {metric: value}}, settings} (lm_eval_tasks),
-                cost: {pretrain_val | task:<name> | <measure>: {seconds, forward_passes | hvps, ...}},
-                iter_num, tokens, quantization: {method, rel_error, bytes_after} (quantized checkpoints only),
-                eval: {data_dir, eval_iters, batch_size, block_size, dtype}}}
+Every checkpoint (ours, or a Hugging Face model with pretrain_data prepared with its tokenizer) is scored on the same
+batches: the first eval_iters of one prepared dataset's validation split (pretrain_data, else the first checkpoint's)
+and the validation split of each task. Sharpness (sharpness.py): noise (the paper's proxy), hessian (top eigenvalue,
+Lanczos), trace (Hutchinson), sam (L(w + e) - L(w)). Benchmarks: lm-evaluation-harness on the model in memory
+(docs/ecosystem.md). out is rewritten atomically after each checkpoint. The measures, their costs and the JSON
+fields: docs/measurement.md.
 """
 import math
 import os
 import sys
 import time
-
 
 import keys
 from checkpoint import build_model, load_checkpoint, load_model, write_json
@@ -73,7 +45,7 @@ sharpness = ''  # comma-separated: noise, hessian, trace, sam
 sharpness_batches = 2  # validation batches for hessian / trace / sam
 noise_sigmas = (0.009, 0.013, 0.017, 0.02, 0.025, 0.03, 0.05, 0.075, 0.1)
 noise_seeds = 3
-noise_scaling = 'absolute'  # 'absolute' | 'relative' (see the docstring)
+noise_scaling = 'absolute'  # 'absolute' | 'relative' (docs/measurement.md says why absolute)
 hessian_iters = 20
 hessian_tol = 1e-3
 trace_samples = 10

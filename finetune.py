@@ -8,29 +8,10 @@ Supervised fine-tuning (SFT) of a base checkpoint, measuring learning and forget
     python finetune.py configs/sft/metamath.py --source=hub --init_from=hf:allenai/OLMo-2-0425-1B \
         --pretrain_data=data/dolmino   # a Hugging Face model (hf.py), forgetting on data prepared with its tokenizer
 
-The paper's post-training recipe: AdamW with a fresh state, linear warmup over warmup_fraction of the steps, then
-cosine decay to min_lr_ratio x peak, weight decay 0.1, max_tokens fine-tuning tokens (fewer if the task's training
-split runs out first: one pass, never a second epoch). The task's data comes from tasks.py.
-
-At iteration 0 (the base model), every eval_interval and at the end it measures
-  learning:   loss on the task's validation split (val_tokens tokens in fixed batches of batch_size; for chat tasks
-              the assistant tokens only; like every validation loss here (training.estimate_loss), the mean over
-              all trained tokens),
-  forgetting: loss on the base model's pretraining validation split (eval_iters fixed batches of data.val_batch,
-              the same batches every time),
-and rewrites out_dir/result.json atomically: {task, source, init_from, learning_rate, max_tokens, tokens_per_iter,
-max_iters, base: {ft_val_loss, pt_val_loss}, trajectory: [{iter, tokens, lr, ft_val_loss, pt_val_loss}],
-final: {ft_val_loss, pt_val_loss} (null until the run has finished), config}; lr is that of the last step taken.
-out_dir/log.jsonl has the training steps; out_dir/ckpt.pt (pretrain.py's format, loads with checkpoint.load_model) is
-written at every evaluation after iteration 0 with the AdamW state, the RNG state and result.json so far, and at the
-end without the optimizer state. A learning-rate sweep is one run per --learning_rate and out_dir.
-
-block_size defaults to the base model's context; another one is allowed (RoPE is recomputed for any length, and
-pretrain.py's mid-training allows the same), though contexts past the pretrained one are untrained positions.
-
---init_from=resume continues out_dir/ckpt.pt exactly (the same weights, result.json and log as a run never stopped),
-given the run's own settings: it refuses a different task, data, learning rate, batch, ... (any key but out_dir, device,
-compile, log_interval, eval_interval and max_bad_steps) and different task data (fingerprint of the token tensors).
+The paper's recipe (fresh AdamW, warmup then cosine, one pass over at most max_tokens of the task from tasks.py).
+At iteration 0, every eval_interval and at the end it measures learning (the task's validation loss) and forgetting
+(the loss on the base model's pretraining validation split) into out_dir/result.json; out_dir/ckpt.pt is written at
+every evaluation after iteration 0. What is measured, the files and what a resume checks: docs/measurement.md.
 """
 import hashlib
 import os

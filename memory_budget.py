@@ -2,23 +2,10 @@
 Per-GPU memory of SAM mid-training of OLMo-2-1B (configs/olmo2_1b_mid_sam.py) under plain DDP, and whether it fits.
 
     python memory_budget.py                          # micro-batches 2, 4, 8 of 2048 tokens, bf16 autocast
-    python memory_budget.py --gpu_gib=39.4                  # a 40 GB A100
+    python memory_budget.py --gpu_gib=39.4           # a 40 GB A100
 
-Parameters: counted from model.py's GPT for the 1B shape (built on the meta device: no memory).
-Model state, bytes per parameter, as pretrain.py keeps it: float32 weights 4, AdamW exp_avg + exp_avg_sq 8,
-SAM's saved copy of the weights 4, DDP's gradient buckets 4 (pretrain.py keeps DDP's default
-gradient_as_bucket_view=False, so the all-reduce buffers are a second copy of the gradients). These exist
-before a step starts.
-Measured (CPU, bf16 autocast, the tensor-storage tracker of training.py; the same ops and dtypes as on a GPU):
-the peak of everything created during one SAM step (two forward/backward passes over two micro-batches of
-gradient accumulation, as the 1B run accumulates 256 or 512 of them, then clip and AdamW step) on scaled-down models that keep the 1B's vocabulary (100,352), MLP ratio (4) and block structure.
-That peak is fitted as  k x parameters + tokens x (head + layers x per_layer), from runs at 1 and 2 layers and
-1 and 2 sequences of `measure_block` tokens, at two widths; k holds the float32 gradients (4; live while later micro-batches
-run forward) plus autocast's bfloat16 weight copies and AdamW's foreach temporaries; per_layer is linear in the width (every saved tensor of
-a block is tokens x width or tokens x 4 width), so it is extrapolated linearly to 2048, as is head (embedding
-output, final norm, logits and the float32 loss over 100,352 classes). Attention memory is linear in tokens
-(scaled_dot_product_attention's flash kernels on CPU and GPU), so per-token figures carry over to 2048 tokens.
-Not included: the CUDA context and allocator fragmentation (typically 1-3 GiB), torch.compile workspaces.
+Model state is counted from what pretrain.py keeps per parameter; the memory one SAM step creates is measured on
+scaled-down models on the CPU and extrapolated to the 1B shape. The method and its limits: docs/olmo2.md.
 """
 import sys
 

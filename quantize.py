@@ -5,32 +5,11 @@ Post-training weight quantization, no calibration data (the paper's "forgetting 
     python quantize.py --init_from=out/cpu_sam/ckpt.pt --method=rtn --bits=3 --group_size=64 --out_dir=out/sam_rtn3
     python quantize.py --init_from=hf:allenai/OLMo-2-0425-1B --pretrain_data=data/dolmino --out_dir=out/olmo2_1b_nf4
 
-Methods (every nn.Linear weight of the transformer blocks; quantize_embeddings / quantize_head add wte / lm_head,
-which Hugging Face's load_in_4bit / load_in_8bit also leave in full precision by default):
-  nf4, fp4  bitsandbytes 4-bit blockwise (bitsandbytes.functional.quantize_4bit): one absmax per `blocksize`
-            consecutive weights, each weight one of 16 NF4 / FP4 levels. Exactly what bnb.nn.Linear4bit (and so
-            load_in_4bit) multiplies with; double_quant = its compress_statistics (absmax itself in 8 bits).
-  int8      bitsandbytes blockwise 8-bit (quantize_blockwise with its default signed dynamic map, Dettmers 2015):
-            one absmax per `blocksize` weights, 256 non-uniform levels. Weight-only. This is NOT LLM.int8
-            (Linear8bitLt / load_in_8bit), which also quantizes activations at run time (not expressible as
-            changed weights); LLM.int8's weight half, row-wise absmax int8, is `rtn` with bits=8, group_size=-1,
-            symmetric=True (tested equal to bitsandbytes' int8_vectorwise_quant).
-  rtn       plain-torch round-to-nearest, `bits` in [2, 8], groups of `group_size` consecutive weights along the
-            input dimension (-1 = a whole row): symmetric (levels -(2^(b-1)-1)..2^(b-1)-1 times absmax / that)
-            or asymmetric (2^b levels between min and max, an integer zero point so 0 stays exact). A cross-check
-            of bitsandbytes and the way to bit widths it lacks.
-
-What is saved in out_dir/ckpt.pt: pretrain.py's checkpoint format with the *dequantized* weights in 'model' -
-the exact float values the quantized model computes with (a test checks the logits equal those of the model with
-bnb Linear4bit layers) - so evaluate.py and finetune.py load it like any checkpoint. The optimizer state is dropped
-(its moments belong to the unquantized weights). 'quantization' records method, settings, tensors, sizes and
-relative reconstruction errors ||W - Q(W)|| / ||W||; it is also written to out_dir/quantization.json.
-bytes_after counts the packed codes plus their statistics (absmax, nested absmax and offset); a quantization
-map (NF4/FP4/dynamic levels), identical for every tensor, is counted once for the model. rtn counts its codes
-as if bit-packed (bits per weight) plus a float32 scale (and, asymmetric, a bits-wide zero point) per group.
-save_packed=True (nf4/fp4 only: only Linear4bit consumes such a state) also stores 'quantized_state':
-{tensor name: {'data': packed uint8, 'quant_state': QuantState.as_dict(packed=True)}}, from which
-bnb.nn.Params4bit.from_prequantized(data, quant_state, device=...) rebuilds a Linear4bit weight.
+Methods, applied to every nn.Linear weight of the transformer blocks (quantize_embeddings / quantize_head add wte /
+lm_head): nf4 and fp4 (bitsandbytes 4-bit blockwise, what load_in_4bit computes with), int8 (bitsandbytes blockwise
+8-bit, weight-only; not LLM.int8) and rtn (plain round-to-nearest, 2-8 bits, groups along the input dimension).
+out_dir/ckpt.pt holds the dequantized weights in pretrain.py's format, so every script loads it like any checkpoint;
+out_dir/quantization.json records sizes and reconstruction errors. Details: docs/measurement.md.
 """
 import logging
 import os

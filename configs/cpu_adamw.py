@@ -1,6 +1,6 @@
 # CPU preset (not a paper setting): a 2.1M-parameter model (1.05M non-embedding) on the embedded English
 # Wikipedia leads (python prepare.py), about one epoch of the 1.28M training tokens. Small and fast enough
-# to train on a laptop-class CPU in minutes; see the README for the measured loss and time.
+# to train on a laptop-class CPU in minutes; docs/measurement.md has the measured loss and time.
 out_dir = 'out/cpu_adamw'
 dataset = 'wiki_en'
 n_layer = 4

@@ -158,3 +158,36 @@ def test_config_path_is_a_directory(tmp_path, capsys):
 def test_docs_hold_the_declarations():
     with open(os.path.join(REPO, 'docs', 'configs.md')) as f:
         assert keys.markdown() in f.read(), 'regenerate the tables: python keys.py'
+
+
+# the documents' bad-input counts ------------------------------------------------------------------------------------
+
+def bad_input_table():
+    """docs/reliability.md's table: per script, its declared keys and the bad values generated from them."""
+    rows = ['| script | declared keys | generated bad values |', '|---|---|---|']
+    for script, table in keys.SCRIPTS.items():
+        rows.append(f'| `{script}` | {len(table)} | {sum(len(bad_values(key)) for key in table.values())} |')
+    total_keys = sum(len(table) for table in keys.SCRIPTS.values())
+    return '\n'.join(rows + [f'| all | {total_keys} | {len(GENERATED)} |'])
+
+
+def hand_written_cases():
+    """The test_bad_input cases written by hand, across the test files that hold them."""
+    import test_bad_input
+    import test_evaluate
+    import test_finetune
+    import test_pretrain
+    import test_quantize
+    return (len(test_pretrain.BAD_CASES) + len(test_finetune.BAD_CASES) + len(test_quantize.BAD) + len(test_evaluate.BAD)
+            + len(test_bad_input.CASES))
+
+
+def test_docs_count_the_bad_inputs():
+    with open(os.path.join(REPO, 'docs', 'reliability.md')) as f:
+        reliability = f.read()
+    assert bad_input_table() in reliability, 'update the table: ' + bad_input_table()
+    hand = hand_written_cases()
+    summary = f'{len(GENERATED) + hand} bad inputs ({len(GENERATED)} generated from keys.py, {hand} written by hand)'
+    assert summary in reliability, summary
+    with open(os.path.join(REPO, 'README.md')) as f:
+        assert summary in f.read(), summary
