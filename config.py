@@ -81,9 +81,11 @@ def load_config(defaults, argv, declared):
     its declaration (declared: the script's table in keys.py)."""
     undeclared, stale = sorted(set(defaults) - set(declared)), sorted(set(declared) - set(defaults))
     if undeclared or stale:  # a programming error, not bad input: loud, with a traceback
-        raise UndeclaredKeyError(f"{os.path.basename(sys.argv[0])}: " + '; '.join(
-            [f"config key {k!r} has no declaration: add a line for it to the script's table in keys.py" for k in undeclared]
-            + [f"keys.py declares {k!r}, which is not a config key of the script: remove its line" for k in stale]))
+        problems = ([f"config key {k!r} has no declaration: add a line for it to the script's table in keys.py"
+                     for k in undeclared] +
+                    [f"keys.py declares {k!r}, which is not a config key of the script: remove its line"
+                     for k in stale])
+        raise UndeclaredKeyError(f"{os.path.basename(sys.argv[0])}: " + '; '.join(problems))
     config, sources = dict(defaults), {}
     try:
         for arg in argv:
@@ -130,7 +132,8 @@ def sized_by(keys_text):
         if not is_allocation_failure(e):
             raise
         tried = re.search(r'allocate (\d+) bytes', str(e))
-        fail(f"out of memory: lower {keys_text}" + (f" (it needed {int(tried[1]) / 2**30:,.1f} GiB at once)" if tried else ''))
+        needed = f" (it needed {int(tried[1]) / 2**30:,.1f} GiB at once)" if tried else ''
+        fail(f"out of memory: lower {keys_text}{needed}")
 
 
 def check(condition, message):

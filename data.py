@@ -46,7 +46,8 @@ def wiki_texts(name):
 
 
 def hf_rows(name, config=None, split='train', data_dir=None):
-    """Rows of a Hugging Face hub dataset, streamed; one line and exit if the hub cannot be reached or it fails to load."""
+    """Rows of a Hugging Face hub dataset, streamed; one line and exit if the hub cannot be reached or it fails to
+    load."""
     import logging
     import datasets
     logging.getLogger('huggingface_hub').setLevel(logging.ERROR)  # its per-retry warnings are not our one line
@@ -54,7 +55,8 @@ def hf_rows(name, config=None, split='train', data_dir=None):
         yield from datasets.load_dataset(name, config or None, split=split, data_dir=data_dir, streaming=True)
     except Exception as e:
         why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        offline = isinstance(e, (ConnectionError, TimeoutError)) or 'connect' in why.lower() or "couldn't reach" in why.lower()
+        offline = (isinstance(e, (ConnectionError, TimeoutError)) or 'connect' in why.lower()
+                   or "couldn't reach" in why.lower())
         fail(f"the Hugging Face hub could not be reached for {name} ({type(e).__name__})" if offline
              else f"could not load hf dataset {name} ({why})")
 
@@ -73,7 +75,8 @@ def get_named_encoding(name):
 
 def bytes_to_unicode():
     """GPT-2's byte -> printable character map, which byte-level BPE vocabularies are spelled in."""
-    bs = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(range(ord('®'), ord('ÿ') + 1))
+    bs = (list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1))
+          + list(range(ord('®'), ord('ÿ') + 1)))
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:
@@ -188,7 +191,8 @@ def open_tokens(data_dir, split, meta=None):
         fail(f"token file {path} is missing; rerun prepare.py with --overwrite=True")
     size = os.path.getsize(path)
     if size == 0 or size % dtype.itemsize:
-        fail(f"token file {path} is {'empty' if size == 0 else 'not a whole number of ' + meta['dtype']} ({size} bytes)")
+        what = 'empty' if size == 0 else 'not a whole number of ' + meta['dtype']
+        fail(f"token file {path} is {what} ({size} bytes)")
     if size // dtype.itemsize != expected:
         fail(f"token file {path} has {size // dtype.itemsize} tokens but meta.json says {expected} "
              f"(truncated or from another run); rerun prepare.py with --overwrite=True")
@@ -236,7 +240,8 @@ def _check_chunks(tokens, block_size):
 
 
 def sample_chunks(first_sample, batch_size, n, seed):
-    """Chunk indices (of n) of global samples first_sample..first_sample+batch_size-1; each epoch visits every chunk once."""
+    """Chunk indices (of n) of global samples first_sample..first_sample+batch_size-1; each epoch visits every chunk
+    once."""
     return [int(_epoch_perm(seed, s // n, n)[s % n]) for s in range(first_sample, first_sample + batch_size)]
 
 

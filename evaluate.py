@@ -198,7 +198,8 @@ for path in paths:
     print(f"  pretrain val loss {loss:.4f} (ppl {math.exp(loss):.2f}) in {seconds:.1f} s")
     for task, (x, y, mask) in task_data.items():
         n_batches, count = -(-len(x) // batch_size), int(mask.sum())
-        task_batch = lambda i: tuple(t[i * batch_size:(i + 1) * batch_size].to(device) for t in (x, y, mask))  # noqa: E731
+        def task_batch(i, x=x, y=y, mask=mask):
+            return tuple(t[i * batch_size:(i + 1) * batch_size].to(device) for t in (x, y, mask))
         loss, seconds = timed(estimate_loss, model, task_batch, n_batches, autocast)
         passes = n_batches
         result['tasks'][task] = {'loss': loss, 'ppl': math.exp(loss), 'tokens': count}

@@ -81,7 +81,8 @@ globals().update(config)
 check(init_from != 'scratch', "init_from must be the path of a base checkpoint or 'resume', got 'scratch'")
 check_installed(config)
 
-ddp, rank, world_size, device, local_accum, dtype, autocast = setup_run(device, dtype, gradient_accumulation_steps, seed)
+ddp, rank, world_size, device, local_accum, dtype, autocast = setup_run(device, dtype, gradient_accumulation_steps,
+                                                                        seed)
 master = rank == 0
 ckpt_path, result_path, log_path = (os.path.join(out_dir, f) for f in ('ckpt.pt', 'result.json', 'log.jsonl'))
 resume = init_from == 'resume'
@@ -105,7 +106,8 @@ if resume:
     init_from = config['init_from'] = checkpoint['finetune']['init_from']  # the base model, as result.json names it
 base_config = checkpoint.get('config') or {}
 if not pretrain_data:
-    check(base_config.get('dataset'), f"{init_from} does not name its pretraining data; pass --pretrain_data=<directory>")
+    check(base_config.get('dataset'),
+          f"{init_from} does not name its pretraining data; pass --pretrain_data=<directory>")
     pretrain_data = os.path.join(base_config.get('data_root', 'data'), base_config['dataset'])
 meta = load_meta(pretrain_data)
 if tokenizer_id(checkpoint.get('tokenizer')) != tokenizer_id(meta['tokenizer']):
@@ -128,7 +130,8 @@ if resume:  # a resumed run must be the run it continues: the same recipe, data 
         check(config[key] == checkpoint['config'].get(key), f"resume: {key}={config[key]!r} but {ckpt_path} was "
               f"trained with {checkpoint['config'].get(key)!r}; resume with the run's own settings")
 check(meta['vocab_size'] <= model_args['vocab_size'],
-      f"{pretrain_data}'s vocabulary ({meta['vocab_size']}) is larger than the model's vocab_size ({model_args['vocab_size']})")
+      f"{pretrain_data}'s vocabulary ({meta['vocab_size']}) is larger than the model's vocab_size "
+      f"({model_args['vocab_size']})")
 
 # task data -----------------------------------------------------------------------
 check(val_tokens >= batch_size * block_size, f"val_tokens ({val_tokens}) must hold at least one batch "

@@ -57,8 +57,10 @@ def hf_names(model_args):
             names[f'{ours}mlp.{p}.weight'] = f'{theirs}mlp.{p}.weight'
         # OLMo-2 normalises each sublayer's output; Llama (pre-norm) its input, and calls the MLP's input norm
         # post_attention_layernorm
-        names[f'{ours}attn_norm.weight'] = theirs + ('post_attention_layernorm.weight' if post else 'input_layernorm.weight')
-        names[f'{ours}mlp_norm.weight'] = theirs + ('post_feedforward_layernorm.weight' if post else 'post_attention_layernorm.weight')
+        attn_norm, mlp_norm = (('post_attention_layernorm', 'post_feedforward_layernorm') if post else
+                               ('input_layernorm', 'post_attention_layernorm'))
+        names[f'{ours}attn_norm.weight'] = f'{theirs}{attn_norm}.weight'
+        names[f'{ours}mlp_norm.weight'] = f'{theirs}{mlp_norm}.weight'
     return names
 
 # -----------------------------------------------------------------------------

@@ -32,7 +32,8 @@ block_size = 0  # context the checkpoint records; 0 = the model's max_position_e
 config = load_config(config_defaults(globals()), sys.argv[1:], keys.IMPORT_HF)
 globals().update(config)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-check(overwrite or not os.path.exists(ckpt_path), f"{ckpt_path} exists: pick another --out_dir or pass --overwrite=True")
+check(overwrite or not os.path.exists(ckpt_path),
+      f"{ckpt_path} exists: pick another --out_dir or pass --overwrite=True")
 meta = load_meta(os.path.join(data_root, dataset))
 checkpoint = hf_checkpoint(init_from, hf_revision, meta)
 check(meta['vocab_size'] <= checkpoint['model_args']['vocab_size'], f"{dataset}'s vocabulary ({meta['vocab_size']}) "

@@ -62,7 +62,8 @@ class Key:
         if self.choices is not None and v not in self.choices:
             return False
         if isinstance(v, str):
-            return (not self.required or v != '') and (self.pattern is None or re.fullmatch(self.pattern, v) is not None)
+            return ((not self.required or v != '')
+                    and (self.pattern is None or re.fullmatch(self.pattern, v) is not None))
         if type(v) in (int, float):
             return (math.isfinite(v) and (self.min is None or v >= self.min) and (self.max is None or v <= self.max)
                     and (self.above is None or v > self.above) and (self.below is None or v < self.below))

@@ -98,7 +98,8 @@ for sequences in batch_sizes:
     tokens = sequences * block_size
     act = tokens * (head + n_layer * per_layer)
     total = state + act
-    print(f"| {f'activations at {sequences} x {block_size} (layers {n_layer * per_layer * tokens / GIB:.1f}, logits/loss {head * tokens / GIB:.1f})':<82} | "
-          f"{act / GIB:6.1f} |")
+    parts = f"layers {n_layer * per_layer * tokens / GIB:.1f}, logits/loss {head * tokens / GIB:.1f}"
+    print(f"| {f'activations at {sequences} x {block_size} ({parts})':<82} | {act / GIB:6.1f} |")
     fits_gpu = 'fits' if total < gpu_gib * GIB else 'does NOT fit'
-    print(f"| {f'total at micro-batch {sequences} x {block_size}: {fits_gpu} in {gpu_gib:g} GiB':<82} | {total / GIB:6.1f} |")
+    name = f'total at micro-batch {sequences} x {block_size}: {fits_gpu} in {gpu_gib:g} GiB'
+    print(f"| {name:<82} | {total / GIB:6.1f} |")

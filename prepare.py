@@ -85,7 +85,8 @@ def file_texts(path):
         else:
             import pyarrow.parquet as pq
             columns = pq.ParquetFile(path).schema_arrow.names
-            check(text_field in columns, f"{path} has no column {text_field!r} (has {', '.join(columns)}); set --text_field")
+            check(text_field in columns,
+                  f"{path} has no column {text_field!r} (has {', '.join(columns)}); set --text_field")
             for batch in pq.ParquetFile(path).iter_batches(columns=[text_field]):
                 yield from batch.column(0).to_pylist()
     except (OSError, ValueError) as e:  # undecodable text, bad JSON line, not parquet, ...
@@ -102,7 +103,8 @@ def read_texts():
         if os.path.isdir(source):
             files = [p for p in glob.glob(os.path.join(source, '**', '*'), recursive=True) if p.endswith(EXTS)]
         else:
-            files = [source] if os.path.isfile(source) else [p for p in glob.glob(source, recursive=True) if os.path.isfile(p)]
+            files = ([source] if os.path.isfile(source) else
+                     [p for p in glob.glob(source, recursive=True) if os.path.isfile(p)])
         check(files, f"source {source!r} is not wiki_en/wiki_fr/wiki_es, hf:NAME, or an existing "
                      f"{'/'.join(EXTS)} file, directory or glob")
         check(all(p.endswith(EXTS) for p in files), f"source {source!r} matches files that are not {'/'.join(EXTS)}")
@@ -225,7 +227,8 @@ meta = {'dataset': dataset, 'source': source, 'vocab_size': enc.n_vocab, 'dtype'
         'eot_token': enc.eot_token, **counts,
         'tokenizer': {'name': tok_name, 'file': tok_file, 'pat_str': enc._pat_str,
                       'special_tokens': dict(enc._special_tokens), 'hash': tok_hash},
-        'fingerprint': fingerprint.hexdigest()[:16], 'created': datetime.now(timezone.utc).isoformat(timespec='seconds'),
+        'fingerprint': fingerprint.hexdigest()[:16],
+        'created': datetime.now(timezone.utc).isoformat(timespec='seconds'),
         'config': settings}
 write_json(meta, os.path.join(out_dir, 'meta.json'))
 print(f"{out_dir}: {counts['train_docs']:,} train docs / {counts['train_tokens']:,} tokens, "

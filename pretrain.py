@@ -103,7 +103,8 @@ check(sam_start_fraction <= sam_end_fraction, "sam_start_fraction must be <= sam
 keys.check_model_shape(n_embd, n_head, n_kv_head)
 check_installed(config)
 
-ddp, rank, world_size, device, local_accum, dtype, autocast = setup_run(device, dtype, gradient_accumulation_steps, seed)
+ddp, rank, world_size, device, local_accum, dtype, autocast = setup_run(device, dtype, gradient_accumulation_steps,
+                                                                        seed)
 master = rank == 0
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
@@ -123,8 +124,8 @@ if max_train_tokens:
 
 def get_train_batch(it, micro_step):
     """Micro-step m of iteration it holds global samples [(it * accum + m) * batch_size, ...): rank-independent."""
-    x, y = train_batch(train_tokens, block_size, batch_size, (it * gradient_accumulation_steps + micro_step) * batch_size,
-                       seed, device)
+    first_sample = (it * gradient_accumulation_steps + micro_step) * batch_size
+    x, y = train_batch(train_tokens, block_size, batch_size, first_sample, seed, device)
     return x, y, None
 
 
@@ -147,7 +148,8 @@ else:
         for k in model_keys:
             if k != 'block_size' and config[k] != model_args.get(k) and not (k == 'vocab_size' and config[k] == 0):
                 fail(f"resume: config has {k}={config[k]!r} but the checkpoint was trained with {model_args.get(k)!r}")
-        check('finetune' not in checkpoint, f"resume: {ckpt_path} was written by finetune.py; resume it with finetune.py")
+        check('finetune' not in checkpoint,
+              f"resume: {ckpt_path} was written by finetune.py; resume it with finetune.py")
     if tokenizer_id(checkpoint.get('tokenizer')) != tokenizer_id(meta['tokenizer']):
         fail(f"dataset {data_dir} is tokenized differently from the checkpoint's training data "
              f"(prepare it with --tokenizer=<the checkpoint's dataset directory>)")
@@ -157,7 +159,8 @@ else:
 check(meta['vocab_size'] <= model_args['vocab_size'],
       f"dataset vocabulary ({meta['vocab_size']}) is larger than the model's vocab_size ({model_args['vocab_size']})")
 with sized_by('n_layer, n_embd, intermediate_size, vocab_size or block_size'):
-    model = GPT(GPTConfig(**model_args)) if checkpoint is None else build_model(model_args, checkpoint['model'], source_path)
+    model = (GPT(GPTConfig(**model_args)) if checkpoint is None else
+             build_model(model_args, checkpoint['model'], source_path))
     model.to(device)
 base_optimizer = adamw(model.param_groups(weight_decay, decay_embeddings), device, lr=learning_rate,
                        betas=(beta1, beta2), eps=eps)

@@ -67,7 +67,8 @@ if is_hf_source(init_from):
 else:
     model, original = load_model(init_from)
 if 'quantization' in original:
-    fail(f"{init_from} is already quantized ({original['quantization'].get('method')}); quantize the original checkpoint")
+    fail(f"{init_from} is already quantized ({original['quantization'].get('method')}); "
+         f"quantize the original checkpoint")
 names = [f'blocks.{name}.weight' for name, m in model.blocks.named_modules() if isinstance(m, nn.Linear)]
 names += ['wte.weight'] * quantize_embeddings + ['lm_head.weight'] * quantize_head
 state = model.state_dict()

@@ -1,7 +1,8 @@
 # The paper's 20M model (d 256, 8 layers, 8 heads) with AdamW, GPU scale: 8 GPUs x 32 sequences x 1024 tokens
 # = 262,144 tokens per step. Default budget 64B tokens; the paper sweeps 4, 8, 16, 32, 64B tokens
 # (max_iters = tokens / 262144) with peak lr 3e-3 up to 16B and 1e-3 from 32B.
-# Data: python prepare.py --dataset=dclm --source=hf:mlfoundations/dclm-baseline-1.0 --tokenizer=cl100k_base --max_tokens=...
+# Data: python prepare.py --dataset=dclm --source=hf:mlfoundations/dclm-baseline-1.0 --tokenizer=cl100k_base \
+#           --max_tokens=...
 out_dir = 'out/adamw_20m'
 dataset = 'dclm'
 n_layer = 8

@@ -224,9 +224,10 @@ CASES = {
                                                                             '--keep_optimizer_state=True'),
                                                   ['holds no optimizer state', '--keep_optimizer_state=False'], {}),
     # pretrain.py: config values
-    'pretrain/max_bad_steps_negative': ('pretrain.py', fixed('--max_bad_steps=-1'), ['max_bad_steps must be an int >= 0'], {}),
-    'pretrain/bool_key_not_bool': ('pretrain.py', fixed('--compile=maybe'), ["compile must be True or False, got str 'maybe'"],
-                                   {}),
+    'pretrain/max_bad_steps_negative': ('pretrain.py', fixed('--max_bad_steps=-1'),
+                                        ['max_bad_steps must be an int >= 0'], {}),
+    'pretrain/bool_key_not_bool': ('pretrain.py', fixed('--compile=maybe'),
+                                   ["compile must be True or False, got str 'maybe'"], {}),
     'pretrain/int_key_given_float': ('pretrain.py', fixed('--stop_at_iter=5.5'),
                                      ['stop_at_iter must be -1 or an int >= 0, got float 5.5'], {}),
     'pretrain/model_past_address_space': ('pretrain.py', fixed('--n_embd=16777216', '--n_head=2', '--overwrite=True'),
@@ -257,7 +258,8 @@ CASES = {
                                          ["other.pt does not match this code's model (Missing key(s)"], {}),
     'finetune/base_tokenizer_file_replaced': ('finetune.py', lambda t: [f'--pretrain_data={t.data(other_bpe)}/wiki_en'],
                                               ['tokenizer.tiktoken does not match', 'tokenized with'], {}),
-    'finetune/max_bad_steps_negative': ('finetune.py', fixed('--max_bad_steps=-2'), ['max_bad_steps must be an int >= 0'], {}),
+    'finetune/max_bad_steps_negative': ('finetune.py', fixed('--max_bad_steps=-2'),
+                                        ['max_bad_steps must be an int >= 0'], {}),
     'finetune/out_dir_under_a_file': ('finetune.py', under_a_file('out_dir', 'run'),
                                       ['could not write', 'Not a directory'], {}),
     'finetune/disk_full': ('finetune.py', lambda t: [f'--out_dir={os.path.join(t.out, "new")}'],
@@ -285,8 +287,10 @@ CASES = {
                                                 ['tokenizer.tiktoken does not match', 'tokenized with'], {}),
     'prepare/unreadable_jsonl': ('prepare.py', lambda t: [f'--source={bad_jsonl(t)}'],
                                  ['corpus.jsonl is unreadable', 'JSONDecodeError'], {}),
-    'prepare/vocab_size_too_small': ('prepare.py', fixed('--vocab_size=257'), ['vocab_size must be an int >= 258 and <= 2**32-1, got 257'], {}),
-    'prepare/val_fraction_one': ('prepare.py', fixed('--val_fraction=1.0'), ['val_fraction must be a number > 0 and < 1, got 1.0'], {}),
+    'prepare/vocab_size_too_small': ('prepare.py', fixed('--vocab_size=257'),
+                                     ['vocab_size must be an int >= 258 and <= 2**32-1, got 257'], {}),
+    'prepare/val_fraction_one': ('prepare.py', fixed('--val_fraction=1.0'),
+                                 ['val_fraction must be a number > 0 and < 1, got 1.0'], {}),
     'prepare/data_root_is_a_file': ('prepare.py', lambda t: [f'--data_root={t.a_file()}'],
                                     ['could not write', 'Not a directory'], {}),
     'prepare/disk_full': ('prepare.py', fixed(), ['could not write', 'train.bin (No space left on device)'],
@@ -337,7 +341,8 @@ def usual_args(script, t, wiki):
     if script == 'evaluate.py':
         with open(os.path.join(t.out, 'eval.json'), 'w') as f:
             f.write('{"an": "earlier result"}\n')
-        return [f'--checkpoints={t.tiny_ckpt}', f'--out={os.path.join(t.out, "eval.json")}', *EVALUATE, '--overwrite=True']
+        return [f'--checkpoints={t.tiny_ckpt}', f'--out={os.path.join(t.out, "eval.json")}', *EVALUATE,
+                '--overwrite=True']
     if script == 'prepare.py':  # a new dataset beside an earlier one
         shutil.copytree(wiki, os.path.join(t.out, 'wiki_en'))
         return [f'--data_root={t.out}', '--dataset=new', '--max_docs=40', '--vocab_size=300']

@@ -99,7 +99,8 @@ def test_tiktoken_conversion_matches_hf_tokenizers():
 
 
 def test_reuse_tokenizer_gives_same_ids(wiki, tmp_path):
-    result = prepare(f'--data_root={tmp_path}', '--dataset=fr', '--source=wiki_fr', f'--tokenizer={wiki}', '--max_docs=40')
+    result = prepare(f'--data_root={tmp_path}', '--dataset=fr', '--source=wiki_fr', f'--tokenizer={wiki}',
+                     '--max_docs=40')
     assert result.returncode == 0, result.stderr
     fr, en = data.load_meta(str(tmp_path / 'fr')), data.load_meta(wiki)
     assert fr['tokenizer']['hash'] == en['tokenizer']['hash'] and fr['vocab_size'] == en['vocab_size']
@@ -158,7 +159,8 @@ def split_texts(data_dir):
     """(train documents, val documents) of a prepared dataset, decoded, in file order."""
     meta = data.load_meta(data_dir)
     enc = data.load_tokenizer(meta)
-    return tuple([enc.decode(d[:-1]) for d in split_documents(data.open_tokens(data_dir, split, meta), meta['eot_token'])]
+    return tuple([enc.decode(d[:-1])
+                  for d in split_documents(data.open_tokens(data_dir, split, meta), meta['eot_token'])]
                  for split in ('train', 'val'))
 
 

@@ -178,8 +178,8 @@ def hand_written_cases():
     import test_finetune
     import test_pretrain
     import test_quantize
-    return (len(test_pretrain.BAD_CASES) + len(test_finetune.BAD_CASES) + len(test_quantize.BAD) + len(test_evaluate.BAD)
-            + len(test_bad_input.CASES))
+    return sum(map(len, (test_pretrain.BAD_CASES, test_finetune.BAD_CASES, test_quantize.BAD, test_evaluate.BAD,
+                         test_bad_input.CASES)))
 
 
 def test_docs_count_the_bad_inputs():
