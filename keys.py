@@ -50,7 +50,7 @@ class Key:
         return text
 
     def problem(self, value):
-        """Why value is not allowed (None if it is). value has passed coerce."""
+        """The allowed values in words if value (coerced) is not one of them; None if it is."""
         items = value if self.type is tuple else (value,)
         if self.required and len(value) == 0 or not all(self._item_ok(v) for v in items):
             return self.allowed()
@@ -182,7 +182,9 @@ EXPERIMENT = {
     'bases': Key(dict, means='a dict: base model name -> pretrain.py arguments'), 'pretrain_args': TEXT,
     'baseline': PATH, 'comparisons': Key(dict, means='a dict: base model -> the base model it is compared with'),
     'seeds': Key(tuple, item=int, min=0, max=2**32 - 1, required=True),
-    'tasks': Key(tuple, item=str, required=True), 'finetune_config': PATH,
+    'tasks': Key(tuple, item=str, required=True),
+    'finetune_config': Key(str, pattern=r'[^{}]*(\{task\}[^{}]*)*', required=True,
+                           means="a config path, '{task}' standing for the task name"),
     'learning_rates': Key(tuple, item=float, above=0, required=True),
     'task_learning_rates': Key(dict, means='a dict: task -> tuple of learning rates'), 'finetune_args': TEXT,
     'quantize_methods': Key(tuple, item=str, choices=QUANTIZE['method'].choices), 'quantize_args': TEXT,

@@ -54,11 +54,11 @@ if method != 'rtn':
     check(blocksize in BNB_BLOCKSIZES[method],
           f"blocksize {blocksize} is not supported by bitsandbytes {method}; use one of {BNB_BLOCKSIZES[method]}")
 check(not save_packed or method in ('nf4', 'fp4'), f"save_packed is for nf4/fp4 (Linear4bit); not for {method}")
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+ckpt_path, record_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'quantization.json')
 if os.path.exists(ckpt_path) and os.path.exists(init_from) and os.path.samefile(ckpt_path, init_from):
     fail(f"out_dir {out_dir} holds the checkpoint being quantized; pick another --out_dir")
-if os.path.exists(ckpt_path) and not overwrite:
-    fail(f"{ckpt_path} exists: pick another --out_dir or pass --overwrite=True")
+for path in (ckpt_path, record_path):
+    check(overwrite or not os.path.exists(path), f"{path} exists: pick another --out_dir or pass --overwrite=True")
 
 # model ------------------------------------------------------------------------
 if is_hf_source(init_from):
@@ -160,7 +160,7 @@ checkpoint.update(model=new_state, quantization=record)
 if save_packed:
     checkpoint['quantized_state'] = packed_state
 save_checkpoint(checkpoint, ckpt_path)
-write_json(record, os.path.join(out_dir, 'quantization.json'))
+write_json(record, record_path)
 desc = ', '.join(f'{k}={v}' for k, v in settings.items())
 print(f"{method} ({desc}) on {len(tensors)} tensors: {bytes_before / 2**20:.2f} MiB -> {bytes_after / 2**20:.3f} MiB "
       f"({bytes_before / bytes_after:.2f}x); whole model {model_bytes_before / 2**20:.2f} MiB -> "

@@ -4,7 +4,6 @@ writes anything. Also what load_config does with config files and --key=value te
 import ast
 import glob
 import os
-import runpy
 
 import pytest
 
@@ -60,7 +59,7 @@ def bad_values(key):
         return cases + ([('1.5', 'wrong type')] if key.type is int else [('1e999', 'infinite')])
     cases = [('nonsense', 'not a choice')] if key.choices else []
     if key.pattern:
-        cases.append((next(t for t in ('gpu0', 'a/b') if key.problem(t)), 'no match'))
+        cases.append((next(t for t in ('gpu0', 'a/b', 'c/{x}.py') if key.problem(t)), 'no match'))
     if key.required:
         cases.append(('', 'empty'))
     return cases
@@ -117,7 +116,8 @@ def test_declared_defaults_are_allowed():
             source = f.read()
         block = source[:source.index('config = load_config(')]
         block = block[block.index('# ----'):]  # the config block alone
-        defaults = runpy._run_code(compile(block, script, 'exec'), {})
+        defaults = {}
+        exec(compile(block, script, 'exec'), defaults)
         for name, key in table.items():
             value = key.coerce(defaults[name])
             assert value is not None, (script, name)

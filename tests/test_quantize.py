@@ -204,6 +204,7 @@ def _bad_cases():
         'int8_blocksize': (plain('--method=int8', '--blocksize=32'), ['blocksize 32', 'int8']),
         'packed_rtn': (plain('--method=rtn', '--save_packed=True'), ['save_packed']),
         'out_dir_exists': (plain(), ['ckpt.pt exists', '--overwrite=True']),
+        'record_exists': (plain(), ['quantization.json exists', '--overwrite=True']),
         'out_dir_is_source': (into_source_dir, ['holds the checkpoint being quantized']),
     }
 
@@ -218,6 +219,8 @@ def check_bad(run, tiny_ckpt, tmp_path, name):
     (out / 'notes.txt').write_text('an earlier result')
     if name == 'out_dir_exists':
         (out / 'ckpt.pt').write_bytes(b'an earlier checkpoint')
+    if name == 'record_exists':
+        (out / 'quantization.json').write_text('{"an": "earlier record"}')
     args = [*make_args(tmp_path, tiny_ckpt), f'--out_dir={out}']
     before = {f: (out / f).read_bytes() for f in sorted(os.listdir(out))}
     result = run('quantize.py', *args)
