@@ -90,14 +90,25 @@ report_only = False  # rewrite the report from the stage outputs there are, run 
 # -----------------------------------------------------------------------------
 config = load_config(config_defaults(globals()), sys.argv[1:], keys.EXPERIMENT)
 globals().update(config)
-check(bool(bases) and all(isinstance(v, str) for v in bases.values()), "bases must map names to pretrain.py arguments")
+check(bool(bases) and all(isinstance(k, str) and isinstance(v, str) for k, v in bases.items()),
+      "bases must map names to pretrain.py arguments")
 check(baseline in bases, f"baseline {baseline!r} is not one of the bases: {', '.join(bases)}")
 check(all(a in bases and b in bases and a != b for a, b in comparisons.items()),
       f"comparisons must map a base model to another base model, got {comparisons!r}")
 check(all(re.fullmatch(r'[\w.-]+', name) for name in bases), "base names may hold letters, digits, '_', '.', '-'")
-check(len(set(seeds)) == len(seeds), f"seeds repeat: {seeds!r}")
+for key in ('seeds', 'tasks', 'learning_rates'):
+    check(len(set(config[key])) == len(config[key]), f"{key} repeat: {config[key]!r}")
+command_lines = {key: config[key] for key in ('prepare_args', 'pretrain_args', 'finetune_args', 'quantize_args',
+                                               'evaluate_args')}
+command_lines.update({f'bases[{name!r}]': args for name, args in bases.items()})
+for name, args in command_lines.items():
+    try:
+        shlex.split(args)
+    except ValueError as e:  # an unclosed quote
+        fail(f"{name} is not a command line ({e}): {args!r}")
 check(all(t in tasks for t in task_learning_rates), "task_learning_rates names a task that is not in tasks")
-check(all(type(lr) in (int, float) and lr > 0 for lrs in task_learning_rates.values() for lr in lrs),
+check(all(type(lrs) in (tuple, list) and lrs and all(type(lr) in (int, float) and lr > 0 for lr in lrs)
+          for lrs in task_learning_rates.values()),
       "task_learning_rates must map tasks to tuples of learning rates > 0")
 
 n_gpus = torch.cuda.device_count()

@@ -166,7 +166,11 @@ def test_bad_experiment_config_is_one_line(smoke, run_script):
     out, _, _, _ = smoke
     for args, phrase in [(['--baseline=sgd'], "baseline 'sgd' is not one of the bases"),
                          (['--learning_rate=1e-3'], "unknown config key 'learning_rate'"),
-                         (['--seeds=(1, 1)'], 'seeds repeat')]:
+                         (['--seeds=(1, 1)'], 'seeds repeat'),
+                         (["--task_learning_rates={'gsm8k': 1e-3}"], 'task_learning_rates must map tasks to tuples'),
+                         (["--bases={1: 'x'}"], 'bases must map names to pretrain.py arguments'),
+                         (["--finetune_args='unclosed"], 'finetune_args is not a command line (No closing quotation)'),
+                         (['--finetune_config=configs/sft/{name}.py'], "finetune_config must be a config path")]:
         result = run_script('experiment.py', SMOKE, f'--out_dir={out}', *args)
         assert result.returncode == 2
         assert result.stderr.strip().count('\n') == 0 and phrase in result.stderr, result.stderr
