@@ -189,7 +189,7 @@ EXPERIMENT = {
     'task_learning_rates': Key(dict, means='a dict: task -> tuple of learning rates'), 'finetune_args': TEXT,
     'quantize_methods': Key(tuple, item=str, choices=QUANTIZE['method'].choices), 'quantize_args': TEXT,
     'sharpness': TEXT, 'evaluate_args': TEXT, 'jobs': COUNT, 'multi_gpu': Key(str, choices=('torchrun', 'spread')),
-    'dry_run': FLAG,
+    'dry_run': FLAG, 'report_only': FLAG,
 }
 SCRIPTS = {'pretrain.py': PRETRAIN, 'finetune.py': FINETUNE, 'quantize.py': QUANTIZE, 'evaluate.py': EVALUATE,
            'prepare.py': PREPARE, 'export_hf.py': EXPORT_HF, 'import_hf.py': IMPORT_HF, 'benchmark.py': BENCHMARK,
