@@ -158,7 +158,12 @@ def check_tokenizer(directory, meta, where, max_docs=64):
     if not os.path.isfile(path):
         return False
     from tokenizers import Tokenizer
-    hf, enc = Tokenizer.from_file(path), load_tokenizer(meta)
+    try:
+        hf = Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+        why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        fail(f"{path} is not a tokenizer file that tokenizers can read ({why})")
+    enc = load_tokenizer(meta)
     added = [t.content for t in hf.get_added_tokens_decoder().values()]
     tokens = open_tokens(meta['data_dir'], 'val', meta)[:200_000].tolist()
     docs, start = [], 0

@@ -315,7 +315,7 @@ def write_config(directory, **changes):
 
 
 @pytest.mark.parametrize('case', ['missing_dir', 'no_config', 'model_type', 'tied', 'shape', 'tokenizer',
-                                  'no_optimizer'])
+                                  'garbled_tokenizer', 'no_optimizer'])
 def test_bad_hf_input(case, olmo2_dir, wiki, run_script, tmp_path):
     source = str(tmp_path / 'hf')
     if case != 'missing_dir':
@@ -333,8 +333,12 @@ def test_bad_hf_input(case, olmo2_dir, wiki, run_script, tmp_path):
         from data import hf_to_tiktoken, train_bpe
         other = hf_to_tiktoken(train_bpe(['some other text entirely, repeated. ' * 50], 300))
         tiktoken_to_hf(other).save(os.path.join(source, 'tokenizer.json'))
+    elif case == 'garbled_tokenizer':
+        with open(os.path.join(source, 'tokenizer.json'), 'w') as f:
+            f.write('{"version": "1.0", "model": 3}')
     expected = {'missing_dir': 'not found', 'no_config': 'no config.json', 'model_type': "model_type 'gpt2'",
                 'tied': 'tied input/output embeddings', 'shape': 'has shape', 'tokenizer': 'other ids than the data',
+                'garbled_tokenizer': 'tokenizer.json is not a tokenizer file that tokenizers can read',
                 'no_optimizer': 'holds no optimizer state'}[case]
     result = run_script('pretrain.py', 'configs/olmo2_tiny_mid.py', f'--init_from={source}', f'--out_dir={tmp_path / "o"}',
                         f'--data_root={os.path.dirname(wiki)}', '--vocab_size=512', *extra)
