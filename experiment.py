@@ -99,7 +99,7 @@ check(all(re.fullmatch(r'[\w.-]+', name) for name in bases), "base names may hol
 for key in ('seeds', 'tasks', 'learning_rates'):
     check(len(set(config[key])) == len(config[key]), f"{key} repeat: {config[key]!r}")
 command_lines = {key: config[key] for key in ('prepare_args', 'pretrain_args', 'finetune_args', 'quantize_args',
-                                               'evaluate_args')}
+                                               'evaluate_args', 'lm_eval_args')}
 command_lines.update({f'bases[{name!r}]': args for name, args in bases.items()})
 for name, args in command_lines.items():
     try:

@@ -106,8 +106,11 @@ ADAMW = {
     'learning_rate': Key(float, above=0), 'weight_decay': Key(float, min=0), 'beta1': Key(float, min=0, below=1),
     'beta2': Key(float, min=0, below=1), 'eps': Key(float, above=0), 'grad_clip': Key(float, min=0),
 }
+TRACKING = {  # tracking.py: W&B and TensorBoard mirrors of log.jsonl
+    'wandb_log': FLAG, 'wandb_project': PATH, 'wandb_run_name': TEXT, 'wandb_group': TEXT, 'tensorboard_dir': TEXT,
+}
 TRAINING = {  # what pretrain.py and finetune.py share besides the optimizer
-    'out_dir': PATH, 'overwrite': FLAG, 'eval_interval': POSITIVE, 'eval_iters': POSITIVE, 'log_interval': POSITIVE,
+    **TRACKING, 'out_dir': PATH, 'overwrite': FLAG, 'eval_interval': POSITIVE, 'eval_iters': POSITIVE, 'log_interval': POSITIVE,
     'max_bad_steps': COUNT, 'batch_size': POSITIVE, 'gradient_accumulation_steps': POSITIVE, 'min_lr_ratio': FRACTION,
     'seed': SEED, 'device': DEVICE, 'dtype': DTYPE, 'compile': FLAG,
 }
@@ -129,19 +132,22 @@ TASK_SOURCE = Key(str, choices=('offline', 'hub'))
 FINETUNE = {
     **TRAINING, **ADAMW,
     'init_from': Key(str, required=True, means="the base checkpoint's path, or 'resume'"),
-    'task': Key(str, required=True, means='a task name or the path of a .jsonl file'), 'source': TASK_SOURCE,
+    'hf_revision': TEXT, 'task': Key(str, required=True, means='a task name or the path of a .jsonl file'),
+    'source': TASK_SOURCE,
     'max_tokens': POSITIVE, 'val_tokens': POSITIVE, 'pretrain_data': TEXT,
     'block_size': Key(int, min=0, means="0 (= the base model's) or an int >= 1"),
     'warmup_fraction': Key(float, min=0, below=1),
 }
 QUANTIZE = {
-    'init_from': PATH, 'out_dir': PATH, 'overwrite': FLAG, 'method': Key(str, choices=('nf4', 'fp4', 'int8', 'rtn')),
+    'init_from': PATH, 'hf_revision': TEXT, 'pretrain_data': TEXT, 'out_dir': PATH, 'overwrite': FLAG,
+    'method': Key(str, choices=('nf4', 'fp4', 'int8', 'rtn')),
     'blocksize': POSITIVE, 'double_quant': FLAG, 'bits': Key(int, min=2, max=8),
     'group_size': Key(int, min=1, also=(-1,)), 'symmetric': FLAG, 'quantize_embeddings': FLAG, 'quantize_head': FLAG,
     'save_packed': FLAG,
 }
 EVALUATE = {
-    'checkpoints': Key(str, required=True, means='comma-separated checkpoint paths'), 'out': PATH, 'overwrite': FLAG,
+    'checkpoints': Key(str, required=True, means='comma-separated checkpoint paths'), 'hf_revision': TEXT,
+    'out': PATH, 'overwrite': FLAG,
     'pretrain_data': TEXT, 'eval_iters': POSITIVE, 'batch_size': POSITIVE,
     'block_size': Key(int, min=0, means="0 (= the first checkpoint's) or an int >= 1"), 'tasks': TEXT,
     'val_tokens': POSITIVE, 'source': TASK_SOURCE, 'sharpness': TEXT, 'sharpness_batches': POSITIVE,
@@ -149,6 +155,9 @@ EVALUATE = {
     'noise_scaling': Key(str, choices=('absolute', 'relative')), 'hessian_iters': POSITIVE,
     'hessian_tol': Key(float, min=0), 'trace_samples': POSITIVE, 'sam_rho': Key(float, above=0), 'seed': SEED,
     'device': DEVICE, 'dtype': EVAL_DTYPE,
+    'lm_eval_tasks': TEXT, 'lm_eval_num_fewshot': Key(int, min=0, also=(-1,)), 'lm_eval_limit': COUNT,
+    'lm_eval_batch_size': POSITIVE, 'lm_eval_include_path': TEXT, 'lm_eval_builtin_tasks': FLAG,
+    'lm_eval_score_metrics': Key(tuple, item=str, required=True),
 }
 PREPARE = {
     'dataset': Key(str, pattern=r'(?!\.\.?$)[^/]+', means='a plain directory name'), 'data_root': PATH,
@@ -189,7 +198,8 @@ EXPERIMENT = {
     'task_learning_rates': Key(dict, means='a dict: task -> tuple of learning rates'), 'finetune_args': TEXT,
     'quantize_methods': Key(tuple, item=str, choices=QUANTIZE['method'].choices), 'quantize_args': TEXT,
     'sharpness': TEXT, 'evaluate_args': TEXT, 'jobs': COUNT, 'multi_gpu': Key(str, choices=('torchrun', 'spread')),
-    'dry_run': FLAG, 'report_only': FLAG,
+    'dry_run': FLAG, 'report_only': FLAG, 'lm_eval_tasks': TEXT, 'lm_eval_args': TEXT, 'wandb_log': FLAG,
+    'wandb_project': PATH, 'tensorboard': FLAG,
 }
 SCRIPTS = {'pretrain.py': PRETRAIN, 'finetune.py': FINETUNE, 'quantize.py': QUANTIZE, 'evaluate.py': EVALUATE,
            'prepare.py': PREPARE, 'export_hf.py': EXPORT_HF, 'import_hf.py': IMPORT_HF, 'benchmark.py': BENCHMARK,

@@ -146,7 +146,7 @@ model_bytes_before = sum(map(nbytes, state.values()))
 settings = ({'bits': bits, 'group_size': group_size, 'symmetric': symmetric} if method == 'rtn'
             else {'blocksize': blocksize, 'double_quant': double_quant})
 record = {
-    'method': method, **settings, 'source': source.get('hf_source') or os.path.abspath(init_from),
+    'method': method, **settings, 'source': original.get('hf_source') or os.path.abspath(init_from),
     'quantize_embeddings': quantize_embeddings, 'quantize_head': quantize_head, 'tensors': tensors,
     'bytes_before': bytes_before, 'bytes_after': bytes_after, 'shared_map_bytes': sum(shared_maps.values()),
     'model_bytes_before': model_bytes_before, 'model_bytes_after': model_bytes_before - bytes_before + bytes_after,
