@@ -110,9 +110,9 @@ TRACKING = {  # tracking.py: W&B and TensorBoard mirrors of log.jsonl
     'wandb_log': FLAG, 'wandb_project': PATH, 'wandb_run_name': TEXT, 'wandb_group': TEXT, 'tensorboard_dir': TEXT,
 }
 TRAINING = {  # what pretrain.py and finetune.py share besides the optimizer
-    **TRACKING, 'out_dir': PATH, 'overwrite': FLAG, 'eval_interval': POSITIVE, 'eval_iters': POSITIVE, 'log_interval': POSITIVE,
+    'out_dir': PATH, 'overwrite': FLAG, 'eval_interval': POSITIVE, 'eval_iters': POSITIVE, 'log_interval': POSITIVE,
     'max_bad_steps': COUNT, 'batch_size': POSITIVE, 'gradient_accumulation_steps': POSITIVE, 'min_lr_ratio': FRACTION,
-    'seed': SEED, 'device': DEVICE, 'dtype': DTYPE, 'compile': FLAG,
+    'seed': SEED, 'device': DEVICE, 'dtype': DTYPE, 'compile': FLAG, **TRACKING,
 }
 
 # one table per script ---------------------------------------------------------------------------------------------
