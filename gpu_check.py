@@ -27,6 +27,7 @@ os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')  # deterministic cuB
 
 import torch  # noqa: E402
 
+import keys  # noqa: E402
 from checkpoint import write_json  # noqa: E402
 from config import check, config_defaults, load_config  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -47,7 +48,7 @@ check_steps = 6  # steps of the correctness checks (on the 20M shape; tiny: the 
 bf16_tolerance = 0.02  # relative difference of the losses, bf16 autocast vs float32
 seed = 1337
 # -----------------------------------------------------------------------------
-config = load_config(config_defaults(globals()), sys.argv[1:])
+config = load_config(config_defaults(globals()), sys.argv[1:], keys.GPU_CHECK)
 globals().update(config)
 check(all(s in ('20m', '60m', '150m') for s in sizes), f"sizes must be among '20m', '60m', '150m', got {sizes!r}")
 check(steps > 0 and warmup_steps >= 0 and check_steps >= 2 and batch_size >= 0, "steps, check_steps (>= 2) must be "

@@ -201,9 +201,15 @@ EXPERIMENT = {
     'dry_run': FLAG, 'report_only': FLAG, 'lm_eval_tasks': TEXT, 'lm_eval_args': TEXT, 'wandb_log': FLAG,
     'wandb_project': PATH, 'tensorboard': FLAG,
 }
+GPU_CHECK = {
+    'out': PATH, 'device': DEVICE, 'sizes': Key(tuple, item=str, choices=('20m', '60m', '150m'), required=True),
+    'tiny': FLAG, 'batch_size': Key(int, min=0, means="0 (= each size's configured micro-batch) or an int >= 1"),
+    'steps': POSITIVE, 'warmup_steps': COUNT, 'compile': FLAG, 'compile_backend': PATH, 'check_steps': Key(int, min=2),
+    'bf16_tolerance': Key(float, above=0), 'seed': SEED,
+}
 SCRIPTS = {'pretrain.py': PRETRAIN, 'finetune.py': FINETUNE, 'quantize.py': QUANTIZE, 'evaluate.py': EVALUATE,
            'prepare.py': PREPARE, 'export_hf.py': EXPORT_HF, 'import_hf.py': IMPORT_HF, 'benchmark.py': BENCHMARK,
-           'memory_budget.py': MEMORY_BUDGET, 'experiment.py': EXPERIMENT}
+           'memory_budget.py': MEMORY_BUDGET, 'experiment.py': EXPERIMENT, 'gpu_check.py': GPU_CHECK}
 
 
 def check_model_shape(n_embd, n_head, n_kv_head=0):
