@@ -302,14 +302,17 @@ while todo or running:
         log_path = os.path.join(stage['dir'], 'stage.log')
         if stage_server and server is None and not spread_gpus and not under_torchrun(stage):
             server = start_stage_server()
-        with open(log_path, 'wb') as log:
+        with open(log_path, 'wb') as log:  # empty before the stage writes to it
+            forked = False  # by the server, which says when the stage ends
             if server and not spread_gpus and not under_torchrun(stage):
-                process = None  # forked by the server, which says when it ends
-                server.stdin.write((json.dumps([name, argv[1:], log_path, env]) + '\n').encode())
-                server.stdin.flush()
-            else:
-                process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-                                           env={**os.environ, **env}, preexec_fn=die_with_parent)
+                try:
+                    server.stdin.write((json.dumps([name, argv[1:], log_path, env]) + '\n').encode())
+                    server.stdin.flush()
+                    forked = True
+                except OSError:  # it died (the wait below says so): this stage runs in a fresh interpreter
+                    pass
+            process = None if forked else subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                                                           env={**os.environ, **env}, preexec_fn=die_with_parent)
         bar = tqdm(total=1, desc=name, position=1 + slot, leave=False, dynamic_ncols=True,
                    bar_format='{l_bar}{bar}| {n_fmt}/{total_fmt}')
         running[name] = (process, log_path, slot, bar, time.time(), argv)
