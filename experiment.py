@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import select
 import shlex
 import signal
 import subprocess
@@ -85,6 +86,8 @@ tensorboard = False
 # hardware
 jobs = 2  # stages at once (CPU: each gets cpu_count // jobs threads); 0 = one per GPU if multi_gpu='spread', else 1
 multi_gpu = 'torchrun'  # several GPUs: 'torchrun' = pretrain/finetune on all of them | 'spread' = one stage per GPU
+stage_server = True  # run stages as forks of stage_server.py, which imports torch and the project once (seconds less
+# per stage); False = a fresh interpreter per stage. Stages under torchrun or spread over GPUs always get a fresh one
 dry_run = False  # print the stages and their state, run nothing
 report_only = False  # rewrite the report from the stage outputs there are, run nothing
 # -----------------------------------------------------------------------------
@@ -116,6 +119,7 @@ if jobs == 0:
     jobs = n_gpus if n_gpus > 1 and multi_gpu == 'spread' else 1
 torchrun_gpus = n_gpus if n_gpus > 1 and multi_gpu == 'torchrun' else 0
 threads = max(1, (os.cpu_count() or 1) // jobs)
+spread_gpus = jobs > 1 and n_gpus > 1  # each stage gets its own CUDA_VISIBLE_DEVICES
 
 
 # the stages --------------------------------------------------------------------
@@ -157,13 +161,14 @@ for base, base_args in bases.items():
                   shlex.split(base_args) + shlex.split(pretrain_args) + data_args + [f'--seed={seed}', f'--out_dir={pt_dir}'],
                   'ckpt.pt', ['prepare'])
         base_ckpt = os.path.join(pt_dir, 'ckpt.pt')
-        for task in tasks:
-            for lr in task_learning_rates.get(task, learning_rates):
+        for task_index, task in enumerate(tasks):
+            for lr_index, lr in enumerate(task_learning_rates.get(task, learning_rates)):
                 ft_dir = os.path.join(out_dir, 'finetune', run, f'{task}_lr{lr:g}')
                 add_stage(f'finetune/{run}/{task}_lr{lr:g}', 'finetune', 'finetune.py',
                           [finetune_config.format(task=task), *shlex.split(finetune_args), f'--init_from={base_ckpt}',
                            f'--learning_rate={lr}', f'--out_dir={ft_dir}', f'--pretrain_data={data_root}/{dataset}'],
                           'result.json', [f'pretrain/{run}'])
+                stages[f'finetune/{run}/{task}_lr{lr:g}']['sweep_position'] = (lr_index, task_index)
         quantized = []
         for method in quantize_methods:
             q_dir = os.path.join(out_dir, 'quantize', f'{run}_{method}')
@@ -194,6 +199,15 @@ for base, base_args in bases.items():
                               'eval.json', deps)
 
 
+def launch_order(name):
+    """Ready stages start in this order (stage keys do not depend on it): the long ones first (pretraining, then the
+    base models' sharpness), so that the experiment ends on short fine-tuning runs; within a base model's sweep, one
+    learning rate of every task before the next, so that the stages running at once are different tasks and none
+    repeats work another is doing for the cache (finetune.py --cache_dir: task data, the base model's evaluation)."""
+    kinds = ('prepare', 'pretrain', 'evaluate', 'quantize', 'finetune')
+    return kinds.index(stages[name]['kind']), stages[name].get('sweep_position', ())
+
+
 def state_of(stage):
     marker = read_json(os.path.join(stage['dir'], 'stage.json')) or {}
     if marker.get('key') == stage['key'] and marker.get('status') == 'done' and os.path.exists(stage['product']):
@@ -213,10 +227,16 @@ def command(stage):
         args += ['--wandb_log=True', f'--wandb_project={wandb_project}', f'--wandb_run_name={stage["name"]}',
                  f'--wandb_group={os.path.basename(os.path.abspath(out_dir))}'] if wandb_log else []
         args += [f"--tensorboard_dir={os.path.join(stage['dir'], 'tensorboard')}"] if tensorboard else []
+    if stage['kind'] == 'finetune':  # a base model's runs on a task share its data and its evaluation (finetune.py)
+        args.append(f'--cache_dir={os.path.join(out_dir, "cache")}')
     launcher = [sys.executable]
-    if torchrun_gpus and stage['kind'] in ('pretrain', 'finetune'):
+    if under_torchrun(stage):
         launcher += ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun_gpus}']
     return launcher + [os.path.join(REPO_ROOT, stage['script'])] + args
+
+
+def under_torchrun(stage):
+    return bool(torchrun_gpus) and stage['kind'] in ('pretrain', 'finetune')
 
 
 def shown(argv):
@@ -230,6 +250,15 @@ def die_with_parent():
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def start_stage_server():
+    """stage_server.py, which forks the stages (it dies with this process, and they with it); its own errors go to
+    out_dir/stage_server.log."""
+    with open(os.path.join(out_dir, 'stage_server.log'), 'wb') as log:
+        return subprocess.Popen([sys.executable, os.path.join(REPO_ROOT, 'stage_server.py'), os.path.abspath(out_dir)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, cwd=REPO_ROOT,
+                                env={**os.environ, 'OMP_NUM_THREADS': str(threads)}, preexec_fn=die_with_parent)
+
+
 # run -----------------------------------------------------------------------------
 os.makedirs(out_dir, exist_ok=True)
 lock = open(os.path.join(out_dir, '.lock'), 'w')
@@ -239,7 +268,7 @@ except OSError:
     fail(f"another experiment.py is running in {out_dir}")
 
 states = {name: state_of(stage) for name, stage in stages.items()}
-todo = [name for name in stages if states[name] != 'done']
+todo = sorted((name for name in stages if states[name] != 'done'), key=launch_order)
 stages_to_run = len(todo)
 print(f"experiment {out_dir}: {len(stages)} stages, {len(stages) - len(todo)} done, {len(todo)} to run "
       f"({jobs} at a time" + (f", torchrun on {torchrun_gpus} GPUs" if torchrun_gpus else '') + ")")
@@ -253,6 +282,7 @@ if report_only:
 
 started = time.time()
 failed, running, free_slots = {}, {}, list(range(jobs))
+server, server_output, exit_codes = None, b'', {}  # stage_server.py; what it wrote in part; stage -> its exit status
 overall = tqdm(total=len(todo), desc='experiment', unit='stage', position=0, dynamic_ncols=True)
 progress_re = re.compile(rb'(\d+)/(\d+) \[')
 while todo or running:
@@ -273,43 +303,68 @@ while todo or running:
         argv = command(stage)
         write_json({'key': stage['key'], 'status': 'running', 'command': shown(argv)},
                    os.path.join(stage['dir'], 'stage.json'))
-        env = {**os.environ, 'OMP_NUM_THREADS': str(threads)}
-        if jobs > 1 and n_gpus > 1:
+        env = {'OMP_NUM_THREADS': str(threads)}
+        if spread_gpus:
             env['CUDA_VISIBLE_DEVICES'] = str(slot % n_gpus)
-        log = open(os.path.join(stage['dir'], 'stage.log'), 'wb')
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env,
-                                   preexec_fn=die_with_parent)
+        log_path = os.path.join(stage['dir'], 'stage.log')
+        if stage_server and server is None and not spread_gpus and not under_torchrun(stage):
+            server = start_stage_server()
+        with open(log_path, 'wb') as log:  # empty before the stage writes to it
+            forked = False  # by the server, which says when the stage ends
+            if server and not spread_gpus and not under_torchrun(stage):
+                try:
+                    server.stdin.write((json.dumps([name, argv[1:], log_path, env]) + '\n').encode())
+                    server.stdin.flush()
+                    forked = True
+                except OSError:  # it died (the wait below says so): this stage runs in a fresh interpreter
+                    pass
+            process = None if forked else subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                                                           env={**os.environ, **env}, preexec_fn=die_with_parent)
         bar = tqdm(total=1, desc=name, position=1 + slot, leave=False, dynamic_ncols=True,
                    bar_format='{l_bar}{bar}| {n_fmt}/{total_fmt}')
-        running[name] = (process, log, slot, bar, time.time(), argv)
-    time.sleep(0.5)
-    for name, (process, log, slot, bar, t0, argv) in list(running.items()):
-        with open(log.name, 'rb') as f:  # the stage's own tqdm bar, as last printed into its log
-            f.seek(max(0, os.path.getsize(log.name) - 4096))
+        running[name] = (process, log_path, slot, bar, time.time(), argv)
+    # wait half a second, or less if the server says a stage ended
+    if server and select.select([server.stdout], [], [], 0.5)[0]:
+        output = os.read(server.stdout.fileno(), 1 << 16)
+        if not output:  # it died, and the stages it ran with it: the rest run in fresh interpreters
+            overall.write(f"the stage server died (exit {server.wait()}; see {out_dir}/stage_server.log); "
+                          f"the remaining stages run in fresh interpreters")
+            exit_codes.update({name: -signal.SIGKILL for name, entry in running.items() if entry[0] is None})
+            server, stage_server = None, False
+        *lines, server_output = (server_output + output).split(b'\n')
+        exit_codes.update(json.loads(line) for line in lines)
+    elif not server:
+        time.sleep(0.5)
+    for name, (process, log_path, slot, bar, t0, argv) in list(running.items()):
+        with open(log_path, 'rb') as f:  # the stage's own tqdm bar, as last printed into its log
+            f.seek(max(0, os.path.getsize(log_path) - 4096))
             hits = progress_re.findall(f.read())
         if hits:
             bar.total, bar.n = int(hits[-1][1]), int(hits[-1][0])
             bar.refresh()
-        if process.poll() is None:
+        returncode = exit_codes.pop(name, None) if process is None else process.poll()
+        if returncode is None:
             continue
-        log.close()
         bar.close()
         free_slots.append(slot)
         del running[name]
         stage = stages[name]
-        if process.returncode == 0 and stage['kind'] == 'prepare':
+        if returncode == 0 and stage['kind'] == 'prepare':
             write_json({'data_dir': f'{data_root}/{dataset}'}, stage['product'])  # prepare.py's own output is shared
-        ok = process.returncode == 0 and os.path.exists(stage['product'])
+        ok = returncode == 0 and os.path.exists(stage['product'])
         write_json({'key': stage['key'], 'status': 'done' if ok else 'failed', 'command': shown(argv),
-                    'returncode': process.returncode, 'wall_s': round(time.time() - t0, 2)},
+                    'returncode': returncode, 'wall_s': round(time.time() - t0, 2)},
                    os.path.join(stage['dir'], 'stage.json'))
         if ok:
             states[name] = 'done'
         else:
-            failed[name] = f"exit {process.returncode}, log {log.name}"
-            overall.write(f"FAILED {name}: exit {process.returncode}; see {log.name}")
+            failed[name] = f"exit {returncode}, log {log_path}"
+            overall.write(f"FAILED {name}: exit {returncode}; see {log_path}")
         overall.update(1)
 overall.close()
+if server:  # idle: it exits when its input closes
+    server.stdin.close()
+    server.wait()
 
 if stages_to_run:  # the wall times of the invocations that ran something, for the report
     append_jsonl(os.path.join(out_dir, 'invocations.jsonl'),

@@ -12,8 +12,12 @@ The paper's recipe (fresh AdamW, warmup then cosine, one pass over at most max_t
 At iteration 0, every eval_interval and at the end it measures learning (the task's validation loss) and forgetting
 (the loss on the base model's pretraining validation split) into out_dir/result.json; out_dir/ckpt.pt is written at
 every evaluation after iteration 0. What is measured, the files and what a resume checks: docs/measurement.md.
+
+--cache_dir=DIR (experiment.py passes out_dir/cache): the runs of a sweep that share DIR build the task's data once
+and evaluate the base model once (iteration 0 does not depend on the learning rate); results are bit-identical.
 """
 import hashlib
+import json
 import os
 import sys
 
@@ -51,6 +55,7 @@ eval_interval = 50
 eval_iters = 20  # pretraining validation batches of batch_size x block_size
 log_interval = 10
 max_bad_steps = 0  # bad steps (non-finite loss/gradient: no optimizer step) to skip before stopping; 0 = stop at once
+cache_dir = ''  # '' = none; else where the runs of a sweep share task data and the base model's evaluation (see below)
 # experiment tracking (tracking.py; optional packages): log.jsonl mirrored to Weights & Biases and/or TensorBoard
 wandb_log = False
 wandb_project = 'flatmin'
@@ -79,6 +84,7 @@ compile = False
 config = load_config(config_defaults(globals()), sys.argv[1:], keys.FINETUNE)
 globals().update(config)
 check(init_from != 'scratch', "init_from must be the path of a base checkpoint or 'resume', got 'scratch'")
+check(not os.path.isfile(cache_dir), f"cache_dir {cache_dir} is a file; give a directory")
 check_installed(config)
 
 ddp, rank, world_size, device, local_accum, dtype, autocast = setup_run(device, dtype, gradient_accumulation_steps,
@@ -126,7 +132,7 @@ config.update(pretrain_data=pretrain_data, block_size=block_size)  # recorded as
 if resume:  # a resumed run must be the run it continues: the same recipe, data and evaluation
     for key in sorted(set(config) - {'out_dir', 'init_from', 'overwrite', 'device', 'compile', 'log_interval',
                                      'eval_interval', 'max_bad_steps', 'wandb_log', 'wandb_project',
-                                     'wandb_run_name', 'wandb_group', 'tensorboard_dir'}):
+                                     'wandb_run_name', 'wandb_group', 'tensorboard_dir', 'cache_dir'}):
         check(config[key] == checkpoint['config'].get(key), f"resume: {key}={config[key]!r} but {ckpt_path} was "
               f"trained with {checkpoint['config'].get(key)!r}; resume with the run's own settings")
 check(meta['vocab_size'] <= model_args['vocab_size'],
@@ -136,8 +142,9 @@ check(meta['vocab_size'] <= model_args['vocab_size'],
 # task data -----------------------------------------------------------------------
 check(val_tokens >= batch_size * block_size, f"val_tokens ({val_tokens}) must hold at least one batch "
       f"(batch_size x block_size = {batch_size * block_size})")
-train_x, train_y, train_mask = task_tensors(task, 'train', enc, block_size, max_tokens, seed, source)
-val_x, val_y, val_mask = task_tensors(task, 'val', enc, block_size, val_tokens, seed, source)
+task_cache = os.path.join(cache_dir, 'tasks') if cache_dir else ''
+train_x, train_y, train_mask = task_tensors(task, 'train', enc, block_size, max_tokens, seed, source, task_cache)
+val_x, val_y, val_mask = task_tensors(task, 'val', enc, block_size, val_tokens, seed, source, task_cache)
 n_val_batches = len(val_x) // batch_size  # whole batches: every evaluation sees the same sequences
 check(n_val_batches > 0, f"the validation split of {task} holds {len(val_x)} sequences of {block_size} tokens, "
       f"less than one batch of {batch_size}")
@@ -151,6 +158,23 @@ task_fingerprint = hashlib.sha256(task_bytes).hexdigest()[:16]
 del task_bytes
 check(not resume or checkpoint.get('task_fingerprint') == task_fingerprint, f"resume: the {task} data ({source}) "
       f"differs from the data {ckpt_path} was trained on (fingerprint differs; did the source change?)")
+# The base model's evaluation (iteration 0) is the same for every learning rate of a sweep: with a cache_dir it is
+# kept in cache_dir/base_eval/<hash of all it depends on>.json and read back (floats round-trip JSON exactly). Not
+# under DDP, where every rank must take part in the evaluation.
+base_eval_path = ''
+if cache_dir and world_size == 1 and not resume:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(checkpoint['model'].items()):
+        digest.update(f'{name} {tensor.dtype} {tuple(tensor.shape)}'.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    pt_tokens_read = min(len(pt_val_tokens) - 1, eval_iters * batch_size * block_size) + 1  # what val_batch reads
+    digest.update(pt_val_tokens[:pt_tokens_read].tobytes())
+    digest.update(repr([model_args, task_fingerprint, batch_size, eval_iters, dtype, torch.device(device).type,
+                        torch.__version__, torch.get_num_threads()]).encode())
+    for code in ('finetune.py', 'model.py', 'training.py', 'data.py'):  # how it is computed
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), code), 'rb') as f:
+            digest.update(f.read())
+    base_eval_path = os.path.join(cache_dir, 'base_eval', digest.hexdigest()[:20] + '.json')
 
 
 def get_train_batch(it, micro_step):
@@ -199,17 +223,34 @@ if master:
 
 
 def evaluate(it, lr):
-    ft = estimate_loss(raw_model, get_ft_val_batch, n_val_batches, autocast, rank, world_size)
-    pt = estimate_loss(raw_model, get_pt_val_batch, eval_iters, autocast, rank, world_size)
+    cached = read_base_eval() if it == 0 and base_eval_path else None
+    if cached:
+        ft, pt = cached
+    else:
+        ft = estimate_loss(raw_model, get_ft_val_batch, n_val_batches, autocast, rank, world_size)
+        pt = estimate_loss(raw_model, get_pt_val_batch, eval_iters, autocast, rank, world_size)
     if not master:
         return
     losses = {'ft_val_loss': ft, 'pt_val_loss': pt}
+    if it == 0 and base_eval_path and not cached:
+        write_json(losses, base_eval_path)
     result['base'] = result['base'] or losses
     result['trajectory'].append({'iter': it, 'tokens': it * tokens_per_iter, 'lr': lr, **losses})
     result['final'] = losses if it == max_iters else None
     write_json(result, result_path)
     log({'iter': it, 'tokens': it * tokens_per_iter, **losses})
-    progress.write(f"iter {it}: {task} val loss {ft:.4f}, pretraining val loss {pt:.4f}")
+    progress.write(f"iter {it}: {task} val loss {ft:.4f}, pretraining val loss {pt:.4f}"
+                   + (f" (the base model's, from {base_eval_path})" if cached else ''))
+
+
+def read_base_eval():
+    """(ft_val_loss, pt_val_loss) of the base model from base_eval_path, or None (not written yet, or damaged)."""
+    try:
+        with open(base_eval_path) as f:
+            losses = json.load(f)
+        return float(losses['ft_val_loss']), float(losses['pt_val_loss'])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
 
 
 def log(record):

@@ -137,6 +137,7 @@ FINETUNE = {
     'max_tokens': POSITIVE, 'val_tokens': POSITIVE, 'pretrain_data': TEXT,
     'block_size': Key(int, min=0, means="0 (= the base model's) or an int >= 1"),
     'warmup_fraction': Key(float, min=0, below=1),
+    'cache_dir': Key(str, means="'' (no cache) or a directory shared by a sweep's runs"),
 }
 QUANTIZE = {
     'init_from': PATH, 'hf_revision': TEXT, 'pretrain_data': TEXT, 'out_dir': PATH, 'overwrite': FLAG,
@@ -198,7 +199,7 @@ EXPERIMENT = {
     'task_learning_rates': Key(dict, means='a dict: task -> tuple of learning rates'), 'finetune_args': TEXT,
     'quantize_methods': Key(tuple, item=str, choices=QUANTIZE['method'].choices), 'quantize_args': TEXT,
     'sharpness': TEXT, 'evaluate_args': TEXT, 'jobs': COUNT, 'multi_gpu': Key(str, choices=('torchrun', 'spread')),
-    'dry_run': FLAG, 'report_only': FLAG, 'lm_eval_tasks': TEXT, 'lm_eval_args': TEXT, 'wandb_log': FLAG,
+    'stage_server': FLAG, 'dry_run': FLAG, 'report_only': FLAG, 'lm_eval_tasks': TEXT, 'lm_eval_args': TEXT, 'wandb_log': FLAG,
     'wandb_project': PATH, 'tensorboard': FLAG,
 }
 GPU_CHECK = {

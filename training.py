@@ -224,6 +224,7 @@ def throughput(tokens_per_iter, flops_per_token, device, world_size, iter_num):
     return speed
 
 
+@torch.no_grad()
 def estimate_loss(model, get_batch, n_batches, autocast, rank=0, world_size=1):
     """Mean loss per trained token over the fixed batches get_batch(0..n_batches-1), split across DDP ranks
     (a batch counts by its number of loss_mask tokens, so packed chat data is weighted like one long text)."""

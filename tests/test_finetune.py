@@ -137,6 +137,20 @@ def test_ddp_sees_the_same_data(gsm, base, tmp_path):
     assert one[0] == result_of(gsm)['trajectory'][0]  # the same base model measured the same way
 
 
+def test_a_sweep_sharing_a_cache_dir(gsm, base, tmp_path):
+    """--cache_dir: the first run of a sweep fills it (task data, the base model's evaluation), the next ones read it,
+    and every result.json is what a run without it writes, bit for bit."""
+    cache = str(tmp_path / 'cache')
+    numbers = lambda out: {k: result_of(out)[k] for k in ('base', 'trajectory', 'final')}  # noqa: E731
+    finetune(base, str(tmp_path / 'first'), '--task=gsm8k', '--learning_rate=3e-2', f'--cache_dir={cache}')
+    assert numbers(str(tmp_path / 'first')) == numbers(gsm)
+    assert len(os.listdir(os.path.join(cache, 'tasks'))) == 2 and len(os.listdir(os.path.join(cache, 'base_eval'))) == 1
+    second = finetune(base, str(tmp_path / 'second'), '--task=gsm8k', '--learning_rate=1e-2', f'--cache_dir={cache}')
+    assert "pretraining val loss" in second.stdout and "(the base model's, from " + cache in second.stdout
+    finetune(base, str(tmp_path / 'uncached'), '--task=gsm8k', '--learning_rate=1e-2')
+    assert numbers(str(tmp_path / 'second')) == numbers(str(tmp_path / 'uncached'))
+
+
 # 2. bad input: one line on stderr, a non-zero exit, nothing already written destroyed ----------------------
 
 def _bad_cases():

@@ -195,3 +195,44 @@ def test_jsonl_with_empty_validation_split(enc, tmp_path, capsys):
     assert not any(tasks.is_val({'text': t}) for t in 'ab')
     fails(capsys, lambda: tasks.task_tensors(path, 'val', enc, 4, 64), 'val split', 'few.jsonl', '0 tokens')
     fails(capsys, lambda: tasks.task_tensors(str(tmp_path / 'nothere.jsonl'), 'val', enc, 4, 64), 'not found')
+
+
+# 4. the cache (finetune.py --cache_dir) ------------------------------------------------------------------------------
+
+def test_cache_holds_exactly_what_it_replaces(enc, tmp_path, monkeypatch):
+    cache = str(tmp_path / 'cache')
+    built = tasks.task_tensors('gsm8k', 'train', enc, 32, 2048)
+    cached = tasks.task_tensors('gsm8k', 'train', enc, 32, 2048, cache_dir=cache)
+    (name,) = os.listdir(cache)
+    assert name.startswith('gsm8k_train_') and name.endswith('.npz')
+    assert all(torch.equal(a, b) for a, b in zip(built, cached))
+
+    def not_again(*args):
+        raise AssertionError('rebuilt although the cache holds it')
+    monkeypatch.setattr(tasks, 'packed_tokens', not_again)
+    assert all(torch.equal(a, b) for a, b in zip(built, tasks.task_tensors('gsm8k', 'train', enc, 32, 2048,
+                                                                             cache_dir=cache)))
+    monkeypatch.undo()
+    # anything the tokens depend on is in the file's name: another length, seed or tokenizer is another file
+    other_enc = tiktoken.Encoding('bytes', pat_str=r"\S+|\s+", mergeable_ranks=enc._mergeable_ranks,
+                                  special_tokens={EOT: 256})
+    for args in ((32, 1024, 1337), (32, 2048, 1), (16, 2048, 1337)):
+        tasks.task_tensors('gsm8k', 'train', enc, *args, cache_dir=cache)
+    tasks.task_tensors('gsm8k', 'train', other_enc, 32, 2048, cache_dir=cache)
+    assert len(os.listdir(cache)) == 5
+    # a damaged file is rebuilt, not trusted
+    with open(os.path.join(cache, name), 'wb') as f:
+        f.write(b'not a zip file')
+    assert all(torch.equal(a, b) for a, b in zip(built, tasks.task_tensors('gsm8k', 'train', enc, 32, 2048,
+                                                                             cache_dir=cache)))
+    assert not [f for f in os.listdir(cache) if f.endswith('.tmp')]
+
+
+def test_cache_follows_a_task_file(enc, tmp_path):
+    path, cache = tmp_path / 'mine.jsonl', str(tmp_path / 'cache')
+    write_jsonl(path, [{'text': f'Document number {i}.'} for i in range(100)])
+    before = tasks.task_tensors(str(path), 'train', enc, 16, 512, cache_dir=cache)
+    write_jsonl(path, [{'text': f'Another document {i}.'} for i in range(100)])  # edited: a new key, new tokens
+    after = tasks.task_tensors(str(path), 'train', enc, 16, 512, cache_dir=cache)
+    assert not torch.equal(before[0], after[0]) and len(os.listdir(cache)) == 2
+    assert torch.equal(after[0], tasks.task_tensors(str(path), 'train', enc, 16, 512)[0])
