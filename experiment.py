@@ -65,6 +65,10 @@ tasks = ('gsm8k', 'stackmathqa', 'starcoder', 'musicpile', 'tulu')
 finetune_config = 'configs/sft/{task}.py'  # {task} is replaced by the task name
 learning_rates = (3e-4, 1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 7e-3, 1e-2)  # dense near the top, where the matched loss falls
 task_learning_rates = {}  # {task: (lr, ...)} replaces learning_rates for that task
+# fine-tuning-time mitigations: {name: (base, finetune.py arguments)} fine-tunes that base again with those arguments
+# (same tasks and learning rates), reported as the row "<base>+<name>";
+# e.g. {'replay': ('adamw', '--replay_fraction=0.25')}
+finetune_mitigations = {}
 # the base model's context and batch; 100k tokens = 24 steps; evaluated at the start and the end only
 finetune_args = '--block_size=0 --batch_size=32 --max_tokens=100000 --val_tokens=32768 --eval_iters=16 --eval_interval=1000'
 # quantization of every base model (quantize.py --method=...), and evaluate.py's measurements
@@ -97,6 +101,10 @@ check(all(re.fullmatch(r'[\w.-]+', name) for name in bases), "base names may hol
 check(len(seeds) > 0 and all(type(s) is int for s in seeds), f"seeds must be a tuple of ints, got {seeds!r}")
 check(len(set(seeds)) == len(seeds), f"seeds repeat: {seeds!r}")
 check(all(t in tasks for t in task_learning_rates), "task_learning_rates names a task that is not in tasks")
+check(all(re.fullmatch(r'[\w.-]+', name) and isinstance(m, tuple) and len(m) == 2 and m[0] in bases
+          and isinstance(m[1], str) for name, m in finetune_mitigations.items()),
+      f"finetune_mitigations must map names (letters, digits, '_', '.', '-') to (a base model, finetune.py arguments), "
+      f"got {finetune_mitigations!r}")
 check(all(lr > 0 for t in tasks for lr in task_learning_rates.get(t, learning_rates)), "learning rates must be > 0")
 check(jobs >= 0, f"jobs must be >= 0, got {jobs}")
 check_choice(config, 'multi_gpu', ('torchrun', 'spread'))
@@ -149,13 +157,15 @@ for base, base_args in bases.items():
                   shlex.split(base_args) + shlex.split(pretrain_args) + data_args + [f'--seed={seed}', f'--out_dir={pt_dir}'],
                   'ckpt.pt', ['prepare'])
         base_ckpt = os.path.join(pt_dir, 'ckpt.pt')
-        for task in tasks:
-            for lr in task_learning_rates.get(task, learning_rates):
-                ft_dir = os.path.join(out_dir, 'finetune', run, f'{task}_lr{lr:g}')
-                add_stage(f'finetune/{run}/{task}_lr{lr:g}', 'finetune', 'finetune.py',
-                          [finetune_config.format(task=task), *shlex.split(finetune_args), f'--init_from={base_ckpt}',
-                           f'--learning_rate={lr}', f'--out_dir={ft_dir}', f'--pretrain_data={data_root}/{dataset}'],
-                          'result.json', [f'pretrain/{run}'])
+        mitigated = {f'{base}+{name}_s{seed}': args for name, (b, args) in finetune_mitigations.items() if b == base}
+        for ft_run, extra_args in {run: '', **mitigated}.items():
+            for task in tasks:
+                for lr in task_learning_rates.get(task, learning_rates):
+                    ft_dir = os.path.join(out_dir, 'finetune', ft_run, f'{task}_lr{lr:g}')
+                    add_stage(f'finetune/{ft_run}/{task}_lr{lr:g}', 'finetune', 'finetune.py',
+                              [finetune_config.format(task=task), *shlex.split(finetune_args),
+                               f'--init_from={base_ckpt}', f'--learning_rate={lr}', f'--out_dir={ft_dir}', f'--pretrain_data={data_root}/{dataset}',
+                               *shlex.split(extra_args)], 'result.json', [f'pretrain/{run}'])
         quantized = []
         for method in quantize_methods:
             q_dir = os.path.join(out_dir, 'quantize', f'{run}_{method}')
