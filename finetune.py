@@ -52,7 +52,7 @@ from hf import hf_as_checkpoint, is_hf_source
 from lora import adapter_state, add_lora, load_adapter_state, merged_state_dict
 from tasks import task_tensors
 from tracking import Tracker, check_installed
-from training import (adamw, estimate_loss, forward_flops_per_token, log_steps, lr_at, read_steps, setup_run,
+from training import (adamw, estimate_loss, log_steps, lr_at, read_steps, setup_run,
                       throughput, too_many_bad_steps, train_step)
 
 # -----------------------------------------------------------------------------
@@ -228,7 +228,7 @@ if l2_init or lora_resume:
 compute = {'fwd_bwd_tokens': 0, 'fwd_tokens': 0, 'train_flops': 0}  # for the report's FLOPs; see fwd_bwd_flops
 if l2_init:
     base_model = build_model(model_args, base_state, init_from).to(device)
-    flops_per_token = forward_flops_per_token(base_model)
+    flops_per_token = base_model.flops_per_token() // 3  # a forward (model.py counts forward and backward)
     base_weights = [p.detach().clone() for p in base_model.parameters()]
     l2_weights = None  # plain L2: every weight alike
     if ewc_sequences:  # diagonal empirical Fisher of the pretraining loss at the base weights, one sequence at a time
@@ -246,7 +246,7 @@ if l2_init:
         compute['train_flops'] += 3 * flops_per_token * ewc_sequences * block_size
     del base_model
 model = build_model(model_args, base_state if lora_resume else checkpoint['model'], source_path).to(device)
-flops_per_token = forward_flops_per_token(model)
+flops_per_token = model.flops_per_token() // 3  # a forward (model.py counts forward and backward)
 if lora_rank and (not resume or lora_resume):
     model = add_lora(model, lora_rank, lora_alpha)
     if lora_resume:

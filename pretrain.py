@@ -26,7 +26,7 @@ from hf import hf_checkpoint, is_hf_source
 from model import GPT, GPTConfig
 from sam import SAM
 from tracking import Tracker, check_installed
-from training import (adamw, estimate_loss, forward_backward, forward_flops_per_token, log_steps, lr_at,
+from training import (adamw, estimate_loss, forward_backward, log_steps, lr_at,
                       msam_forward_backward, optimizer_step, read_steps, sam_forward_backward, setup_run,
                       throughput, too_many_bad_steps)
 
@@ -215,7 +215,7 @@ if ddp:
     model = DDP(model, device_ids=[int(device.split(':')[1])] if device.startswith('cuda') else None)
 
 n_params, n_non_embedding = raw_model.num_params()
-flops_per_token = forward_flops_per_token(raw_model)
+flops_per_token = raw_model.flops_per_token()  # a forward and backward
 if master:
     print(f"model: {n_params / 1e6:.2f}M parameters ({n_non_embedding / 1e6:.2f}M non-embedding), "
           f"{world_size} process(es) on {device}, {dtype}")
@@ -262,7 +262,7 @@ while True:
             # training compute only: a stop_at_iter run evaluates once more than the run it resumes into
             log({'iter': iter_num, 'tokens': iter_num * tokens_per_iter, 'val_loss': val_loss,
                  'fwd_bwd_tokens': compute['fwd_bwd_tokens'],
-                 'train_flops': 3 * flops_per_token * compute['fwd_bwd_tokens']})
+                 'train_flops': flops_per_token * compute['fwd_bwd_tokens']})
             if iter_num > 0:
                 save()
     if stopping:

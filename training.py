@@ -237,14 +237,6 @@ def throughput(tokens_per_iter, flops_per_token, device, world_size, iter_num):
     return speed
 
 
-def forward_flops_per_token(model):
-    """Forward FLOPs per token (Kaplan et al. 2020): 2 x (weights outside the input embedding) + 2 x layers x context x
-    width (attention scores and their weighted sum). A forward and backward with every weight's gradient costs 3x."""
-    _, non_embedding = model.num_params()
-    c = model.config
-    return 2 * (non_embedding + model.lm_head.weight.numel()) + 2 * c.n_layer * c.block_size * c.n_embd
-
-
 def estimate_loss(model, get_batch, n_batches, autocast, rank=0, world_size=1):
     """Mean loss per trained token over the fixed batches get_batch(0..n_batches-1), split across DDP ranks
     (a batch counts by its number of loss_mask tokens, so packed chat data is weighted like one long text)."""
