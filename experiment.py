@@ -67,6 +67,10 @@ tasks = ('gsm8k', 'stackmathqa', 'starcoder', 'musicpile', 'tulu')
 finetune_config = 'configs/sft/{task}.py'  # {task} is replaced by the task name
 learning_rates = (3e-4, 1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 7e-3, 1e-2)  # dense near the top, where the matched loss falls
 task_learning_rates = {}  # {task: (lr, ...)} replaces learning_rates for that task
+# fine-tuning-time mitigations: {name: (base, finetune.py arguments)} fine-tunes that base again with those arguments
+# (same tasks and learning rates), reported as the row "<base>+<name>";
+# e.g. {'replay': ('adamw', '--replay_fraction=0.25')}
+finetune_mitigations = {}
 # the base model's context and batch; 100k tokens = 24 steps; evaluated at the start and the end only
 finetune_args = '--block_size=0 --batch_size=32 --max_tokens=100000 --val_tokens=32768 --eval_iters=16 --eval_interval=1000'
 # quantization of every base model (quantize.py --method=...), and evaluate.py's measurements
@@ -113,6 +117,10 @@ check(all(t in tasks for t in task_learning_rates), "task_learning_rates names a
 check(all(type(lrs) in (tuple, list) and lrs and all(type(lr) in (int, float) and lr > 0 for lr in lrs)
           for lrs in task_learning_rates.values()),
       "task_learning_rates must map tasks to tuples of learning rates > 0")
+check(all(re.fullmatch(r'[\w.-]+', name) and isinstance(m, tuple) and len(m) == 2 and m[0] in bases
+          and isinstance(m[1], str) for name, m in finetune_mitigations.items()),
+      f"finetune_mitigations must map names (letters, digits, '_', '.', '-') to (a base model, finetune.py arguments), "
+      f"got {finetune_mitigations!r}")
 
 n_gpus = torch.cuda.device_count()
 if jobs == 0:
@@ -161,14 +169,17 @@ for base, base_args in bases.items():
                   shlex.split(base_args) + shlex.split(pretrain_args) + data_args + [f'--seed={seed}', f'--out_dir={pt_dir}'],
                   'ckpt.pt', ['prepare'])
         base_ckpt = os.path.join(pt_dir, 'ckpt.pt')
-        for task_index, task in enumerate(tasks):
-            for lr_index, lr in enumerate(task_learning_rates.get(task, learning_rates)):
-                ft_dir = os.path.join(out_dir, 'finetune', run, f'{task}_lr{lr:g}')
-                add_stage(f'finetune/{run}/{task}_lr{lr:g}', 'finetune', 'finetune.py',
-                          [finetune_config.format(task=task), *shlex.split(finetune_args), f'--init_from={base_ckpt}',
-                           f'--learning_rate={lr}', f'--out_dir={ft_dir}', f'--pretrain_data={data_root}/{dataset}'],
-                          'result.json', [f'pretrain/{run}'])
-                stages[f'finetune/{run}/{task}_lr{lr:g}']['sweep_position'] = (lr_index, task_index)
+        mitigated = {f'{base}+{name}_s{seed}': args for name, (b, args) in finetune_mitigations.items() if b == base}
+        for ft_run, extra_args in {run: '', **mitigated}.items():
+            for task_index, task in enumerate(tasks):
+                for lr_index, lr in enumerate(task_learning_rates.get(task, learning_rates)):
+                    ft_dir = os.path.join(out_dir, 'finetune', ft_run, f'{task}_lr{lr:g}')
+                    add_stage(f'finetune/{ft_run}/{task}_lr{lr:g}', 'finetune', 'finetune.py',
+                              [finetune_config.format(task=task), *shlex.split(finetune_args),
+                               f'--init_from={base_ckpt}', f'--learning_rate={lr}', f'--out_dir={ft_dir}',
+                               f'--pretrain_data={data_root}/{dataset}', *shlex.split(extra_args)],
+                              'result.json', [f'pretrain/{run}'])
+                    stages[f'finetune/{ft_run}/{task}_lr{lr:g}']['sweep_position'] = (lr_index, task_index)
         quantized = []
         for method in quantize_methods:
             q_dir = os.path.join(out_dir, 'quantize', f'{run}_{method}')

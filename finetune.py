@@ -15,6 +15,10 @@ every evaluation after iteration 0. What is measured, the files and what a resum
 
 --cache_dir=DIR (experiment.py passes out_dir/cache): the runs of a sweep that share DIR build the task's data once
 and evaluate the base model once (iteration 0 does not depend on the learning rate); results are bit-identical.
+
+Forgetting mitigations (docs/forgetting_per_flop.md): replay_fraction (pretraining text mixed into the batches),
+l2_init (+ ewc_sequences: a pull toward the base weights), lora_rank (LoRA adapters, merged into the saved weights).
+result.json's compute holds the tokens that went through a forward and backward, and the training FLOPs.
 """
 import hashlib
 import json
@@ -29,12 +33,13 @@ import keys
 from checkpoint import (append_jsonl, build_model, code_version, load_checkpoint, remove_stale_temp_files,
                         save_checkpoint, truncate_log, write_json)
 from config import check, config_defaults, fail, load_config
-from data import load_meta, load_tokenizer, open_tokens, sample_chunks, tokenizer_id, val_batch
+from data import load_meta, load_tokenizer, open_tokens, sample_chunks, tokenizer_id, train_batch, val_batch
 from hf import hf_as_checkpoint, is_hf_source
+from lora import adapter_state, add_lora, load_adapter_state, merged_state_dict
 from tasks import task_tensors
 from tracking import Tracker, check_installed
-from training import (adamw, estimate_loss, log_steps, lr_at, read_steps, setup_run, throughput, too_many_bad_steps,
-                      train_step)
+from training import (adamw, estimate_loss, log_steps, lr_at, read_steps, setup_run,
+                      throughput, too_many_bad_steps, train_step)
 
 # -----------------------------------------------------------------------------
 # defaults: the paper's small-model SFT recipe on one process; configs/sft/ override them
@@ -75,6 +80,12 @@ beta1 = 0.9
 beta2 = 0.95
 eps = 1e-8
 grad_clip = 1.0  # 0 disables clipping
+# forgetting mitigations (docs/forgetting_per_flop.md); all off by default
+replay_fraction = 0.0  # share of each micro-batch's sequences that are pretraining text, added beside the task's
+l2_init = 0.0  # adds l2_init x ||w - w_base||^2 to the loss
+ewc_sequences = 0  # with l2_init: EWC, each weight's term scaled by a diagonal Fisher of this many pretraining seqs
+lora_rank = 0  # > 0: train LoRA adapters of this rank on the attention and MLP matrices (peft); saved merged
+lora_alpha = 16.0  # LoRA's scale is lora_alpha / lora_rank
 # system
 seed = 1337  # training data (generated examples and their order)
 device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'cuda:N'
@@ -86,6 +97,8 @@ globals().update(config)
 check(init_from != 'scratch', "init_from must be the path of a base checkpoint or 'resume', got 'scratch'")
 check(not os.path.isfile(cache_dir), f"cache_dir {cache_dir} is a file; give a directory")
 check_installed(config)
+check(not ewc_sequences or l2_init > 0, "ewc_sequences weights the l2_init term: set l2_init > 0 too")
+check(not (lora_rank and l2_init), "l2_init pulls the full weights toward the base; with lora_rank only adapters train")
 
 ddp, rank, world_size, device, local_accum, dtype, autocast = setup_run(device, dtype, gradient_accumulation_steps,
                                                                         seed)
@@ -148,7 +161,11 @@ val_x, val_y, val_mask = task_tensors(task, 'val', enc, block_size, val_tokens, 
 n_val_batches = len(val_x) // batch_size  # whole batches: every evaluation sees the same sequences
 check(n_val_batches > 0, f"the validation split of {task} holds {len(val_x)} sequences of {block_size} tokens, "
       f"less than one batch of {batch_size}")
-tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size  # fine-tuning tokens (replay comes beside them)
+n_replay = round(batch_size * replay_fraction / (1 - replay_fraction))  # pretraining sequences per micro-step
+check(not replay_fraction or n_replay > 0, f"replay_fraction {replay_fraction} adds no sequence to a micro-batch of "
+      f"{batch_size}: raise it or batch_size")
+pt_train_tokens = open_tokens(pretrain_data, 'train', meta) if n_replay or ewc_sequences else None
 max_iters = len(train_x) // (gradient_accumulation_steps * batch_size)  # one pass at most
 check(max_iters > 0, f"the training split of {task} holds {len(train_x)} sequences of {block_size} tokens, "
       f"less than one step of {gradient_accumulation_steps * batch_size}")
@@ -179,9 +196,14 @@ if cache_dir and world_size == 1 and not resume:
 
 def get_train_batch(it, micro_step):
     """Micro-step m of iteration it holds global samples [(it * accum + m) * batch_size, ...): rank-independent."""
-    rows = torch.tensor(sample_chunks((it * gradient_accumulation_steps + micro_step) * batch_size, batch_size,
-                                      len(train_x), seed))
-    return train_x[rows].to(device), train_y[rows].to(device), train_mask[rows].to(device)
+    sample = it * gradient_accumulation_steps + micro_step
+    rows = torch.tensor(sample_chunks(sample * batch_size, batch_size, len(train_x), seed))
+    x, y, mask = train_x[rows], train_y[rows], train_mask[rows]
+    if n_replay:  # pretraining text, every token trained: in the training loss, never in the ft_val_loss metric
+        replay_x, replay_y = train_batch(pt_train_tokens, block_size, n_replay, sample * n_replay, seed)
+        x, y = torch.cat([x, replay_x.to(x.dtype)]), torch.cat([y, replay_y.to(y.dtype)])
+        mask = torch.cat([mask, torch.ones_like(replay_y, dtype=mask.dtype)])
+    return x.to(device), y.to(device), mask.to(device)
 
 
 def get_ft_val_batch(i):
@@ -194,15 +216,63 @@ def get_pt_val_batch(i):
 
 
 # model ---------------------------------------------------------------------------
-model = build_model(model_args, checkpoint['model'], source_path).to(device)
-optimizer = adamw(model.param_groups(weight_decay), device, lr=learning_rate, betas=(beta1, beta2), eps=eps)
+# the base weights, for l2_init's pull and for rebuilding a resumed LoRA run (whose checkpoint holds merged weights)
+lora_resume = resume and 'lora' in checkpoint  # a finished LoRA run's checkpoint has none, and needs none
+base_state = None
+if l2_init or lora_resume:
+    base_state = checkpoint['model'] if not resume else load_checkpoint(init_from, map_location=device)['model']
+compute = {'fwd_bwd_tokens': 0, 'fwd_tokens': 0, 'train_flops': 0}  # for the report's FLOPs; see fwd_bwd_flops
+if l2_init:
+    base_model = build_model(model_args, base_state, init_from).to(device)
+    flops_per_token = base_model.flops_per_token() // 3  # a forward (model.py counts forward and backward)
+    base_weights = [p.detach().clone() for p in base_model.parameters()]
+    l2_weights = None  # plain L2: every weight alike
+    if ewc_sequences:  # diagonal empirical Fisher of the pretraining loss at the base weights, one sequence at a time
+        l2_weights = [torch.zeros_like(p) for p in base_weights]
+        for i in range(ewc_sequences):
+            x, y = train_batch(pt_train_tokens, block_size, 1, i, seed + 1, device)
+            base_model.zero_grad(set_to_none=True)
+            with autocast:
+                base_model(x, y)[1].backward()
+            grads = [p.grad for p in base_model.parameters()]
+            torch._foreach_addcmul_(l2_weights, grads, grads, value=1 / ewc_sequences)
+        mean = sum(w.sum() for w in l2_weights) / sum(w.numel() for w in l2_weights)
+        torch._foreach_div_(l2_weights, mean)  # mean 1: l2_init sets the overall strength as for plain L2
+        compute['fwd_bwd_tokens'] += ewc_sequences * block_size
+        compute['train_flops'] += 3 * flops_per_token * ewc_sequences * block_size
+    del base_model
+model = build_model(model_args, base_state if lora_resume else checkpoint['model'], source_path).to(device)
+flops_per_token = model.flops_per_token() // 3  # a forward (model.py counts forward and backward)
+if lora_rank and (not resume or lora_resume):
+    model = add_lora(model, lora_rank, lora_alpha)
+    if lora_resume:
+        load_adapter_state(model, checkpoint['lora'])
+trained = [p for p in model.parameters() if p.requires_grad]
+n_adapter = sum(p.numel() for p in trained) if lora_rank else 0
+# a forward and backward: the forward, the activations' gradients (as much again) and, for every trained weight, its
+# gradient (as much again); LoRA trains only its adapters, whose forward adds 2 FLOPs per parameter
+fwd_bwd_flops = 2 * (flops_per_token + 2 * n_adapter) + 2 * n_adapter if lora_rank else 3 * flops_per_token
+groups = [{'params': trained, 'weight_decay': weight_decay}] if lora_rank else model.param_groups(weight_decay)
+optimizer = adamw(groups, device, lr=learning_rate, betas=(beta1, beta2), eps=eps)
+
+
+def add_l2_init_grad():
+    """The gradient of l2_init x sum(F (w - w_base)^2), F the Fisher weights (1 for plain L2)."""
+    params = list(raw_model.parameters())
+    with torch.no_grad():
+        pull = torch._foreach_sub(params, base_weights)
+        if l2_weights is not None:
+            torch._foreach_mul_(pull, l2_weights)
+        torch._foreach_add_([p.grad for p in params], pull, alpha=2 * l2_init)
+
 result = {'task': task, 'source': source, 'init_from': init_from, 'learning_rate': learning_rate,
           'max_tokens': max_tokens, 'tokens_per_iter': tokens_per_iter, 'max_iters': max_iters,
-          'base': None, 'trajectory': [], 'final': None, 'config': config}
+          'base': None, 'trajectory': [], 'final': None, 'compute': compute, 'config': config}
 iter_num, lr, bad_steps = 0, 0.0, 0
 if resume:
     iter_num, bad_steps = checkpoint['iter_num'], checkpoint['bad_steps']
     result.update({k: checkpoint['result'][k] for k in ('base', 'trajectory', 'final')})
+    compute = result['compute'] = checkpoint['result'].get('compute', compute)
     lr = result['trajectory'][-1]['lr']
     torch.set_rng_state(checkpoint['rng_state'].cpu())  # map_location may have moved it to the GPU
     if iter_num < max_iters:  # a finished run's checkpoint has no optimizer state, and needs none
@@ -229,6 +299,7 @@ def evaluate(it, lr):
     else:
         ft = estimate_loss(raw_model, get_ft_val_batch, n_val_batches, autocast, rank, world_size)
         pt = estimate_loss(raw_model, get_pt_val_batch, eval_iters, autocast, rank, world_size)
+    compute['fwd_tokens'] += (n_val_batches + eval_iters) * batch_size * block_size  # counted cached or not
     if not master:
         return
     losses = {'ft_val_loss': ft, 'pt_val_loss': pt}
@@ -264,7 +335,9 @@ def save(final):
     (evaluate.py, a further finetune.py) find it in this one too."""
     data_root, dataset = os.path.split(os.path.normpath(pretrain_data))
     save_checkpoint({
-        'model': raw_model.state_dict(), **({} if final else {'optimizer': optimizer.state_dict()}),
+        'model': merged_state_dict(raw_model) if lora_rank else raw_model.state_dict(),
+        **({} if final else {'optimizer': optimizer.state_dict()}),
+        **({'lora': adapter_state(raw_model)} if lora_rank and not final else {}),
         'model_args': model_args, 'iter_num': iter_num, 'tokens': iter_num * tokens_per_iter,
         'config': {**config, 'data_root': data_root, 'dataset': dataset}, 'dataset': dataset,
         'data_fingerprint': meta.get('fingerprint'), 'tokenizer': meta['tokenizer'], 'code_version': git_commit,
@@ -299,7 +372,11 @@ while True:
     for group in optimizer.param_groups:
         group['lr'] = lr
     micro_batches = [get_train_batch(iter_num, rank * local_accum + m) for m in range(local_accum)]
-    pending.append((iter_num, lr, train_step(model, optimizer, micro_batches, autocast, grad_clip)))
+    pending.append((iter_num, lr, train_step(model, optimizer, micro_batches, autocast, grad_clip,
+                                             adjust_grad=add_l2_init_grad if l2_init else None)))
+    step_tokens = sum(x.numel() for x, _, _ in micro_batches) * world_size
+    compute['fwd_bwd_tokens'] += step_tokens
+    compute['train_flops'] += fwd_bwd_flops * step_tokens
     iter_num += 1
     progress.update(1)
     log_line = iter_num % log_interval == 0 or iter_num == max_iters

@@ -123,8 +123,9 @@ PRETRAIN = {
     'max_train_tokens': Key(int, min=0, means='0 (= all) or an int >= 1'),
     'stop_at_iter': Key(int, min=0, also=(-1,)), 'block_size': POSITIVE,
     'vocab_size': Key(int, min=0, means="0 (= the dataset's, rounded up to a multiple of 128) or an int >= 1"),
-    'z_loss': Key(float, min=0), 'optimizer': Key(str, choices=('adamw', 'sam')), 'decay_embeddings': FLAG,
-    'sam_rho': Key(float, min=0), 'sam_adaptive': FLAG, 'sam_sync_ascent': FLAG,
+    'z_loss': Key(float, min=0), 'optimizer': Key(str, choices=('adamw', 'sam', 'msam')),
+    'decay_embeddings': FLAG, 'sam_rho': Key(float, min=0), 'sam_adaptive': FLAG, 'sam_sync_ascent': FLAG,
+    'sam_interval': POSITIVE, 'looksam_alpha': Key(float, min=0),
     'sam_start_fraction': FRACTION, 'sam_end_fraction': FRACTION, 'max_iters': POSITIVE, 'warmup_iters': COUNT,
     'lr_schedule': Key(str, choices=('cosine', 'wsd', 'constant')), 'anneal_fraction': Key(float, above=0, max=1),
 }
@@ -138,6 +139,8 @@ FINETUNE = {
     'block_size': Key(int, min=0, means="0 (= the base model's) or an int >= 1"),
     'warmup_fraction': Key(float, min=0, below=1),
     'cache_dir': Key(str, means="'' (no cache) or a directory shared by a sweep's runs"),
+    'replay_fraction': Key(float, min=0, below=1), 'l2_init': Key(float, min=0), 'ewc_sequences': COUNT,
+    'lora_rank': COUNT, 'lora_alpha': Key(float, above=0),
 }
 QUANTIZE = {
     'init_from': PATH, 'hf_revision': TEXT, 'pretrain_data': TEXT, 'out_dir': PATH, 'overwrite': FLAG,
@@ -199,6 +202,7 @@ EXPERIMENT = {
     'task_learning_rates': Key(dict, means='a dict: task -> tuple of learning rates'), 'finetune_args': TEXT,
     'quantize_methods': Key(tuple, item=str, choices=QUANTIZE['method'].choices), 'quantize_args': TEXT,
     'sharpness': TEXT, 'evaluate_args': TEXT, 'jobs': COUNT, 'multi_gpu': Key(str, choices=('torchrun', 'spread')),
+    'finetune_mitigations': Key(dict, means='a dict: name -> (base model, finetune.py arguments)'),
     'stage_server': FLAG, 'dry_run': FLAG, 'report_only': FLAG, 'lm_eval_tasks': TEXT, 'lm_eval_args': TEXT, 'wandb_log': FLAG,
     'wandb_project': PATH, 'tensorboard': FLAG,
 }

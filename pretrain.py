@@ -1,5 +1,5 @@
 """
-Pretraining and mid-training with AdamW or SAM.
+Pretraining and mid-training with AdamW, SAM or Momentum-SAM.
 
     python pretrain.py configs/cpu_sam.py                                  # one CPU process
     python pretrain.py configs/cpu_sam.py --max_iters=100 --out_dir=out/x  # override any key
@@ -27,8 +27,9 @@ from hf import hf_checkpoint, is_hf_source
 from model import GPT, GPTConfig
 from sam import SAM
 from tracking import Tracker, check_installed
-from training import (adamw, estimate_loss, forward_backward, log_steps, lr_at, optimizer_step, read_steps,
-                      sam_forward_backward, setup_run, throughput, too_many_bad_steps)
+from training import (adamw, estimate_loss, forward_backward, log_steps, lr_at,
+                      msam_forward_backward, optimizer_step, read_steps, sam_forward_backward, setup_run,
+                      throughput, too_many_bad_steps)
 
 # -----------------------------------------------------------------------------
 # defaults: the paper's 60M AdamW recipe on one process; configs/ override them
@@ -71,7 +72,7 @@ norm_position = 'pre'
 init_std = 0.02
 z_loss = 0.0
 # optimizer: AdamW, optionally wrapped in SAM
-optimizer = 'adamw'  # 'adamw' | 'sam'
+optimizer = 'adamw'  # 'adamw' | 'sam' | 'msam' (Momentum-SAM: perturbed along -AdamW's exp_avg, one gradient a step)
 learning_rate = 1e-3
 weight_decay = 0.1
 decay_embeddings = True
@@ -84,6 +85,8 @@ sam_adaptive = False
 sam_sync_ascent = False  # DDP: all-reduce the ascent gradient (the paper keeps it local to each GPU)
 sam_start_fraction = 0.0  # SAM is used for iterations in [start, end) * max_iters; AdamW elsewhere
 sam_end_fraction = 1.0
+sam_interval = 1  # inside the window, SAM (or msam) only at iterations divisible by this; plain AdamW steps between
+looksam_alpha = 0.0  # > 0 (SAM, sam_interval > 1): LookSAM, steps between reuse the last SAM step's ascent component
 # schedule
 max_iters = 10000
 warmup_iters = 2000
@@ -101,6 +104,9 @@ globals().update(config)
 check(warmup_iters <= max_iters, f"warmup_iters ({warmup_iters}) must be <= max_iters ({max_iters})")
 check(sam_start_fraction <= sam_end_fraction, "sam_start_fraction must be <= sam_end_fraction")
 keys.check_model_shape(n_embd, n_head, n_kv_head)
+check(not (optimizer == 'msam' and sam_adaptive), "sam_adaptive is for optimizer='sam'; Momentum-SAM has none")
+check(not looksam_alpha or (optimizer == 'sam' and not sam_adaptive),
+      "looksam_alpha reuses plain SAM's ascent: it needs optimizer='sam' and sam_adaptive=False")
 check_installed(config)
 
 ddp, rank, world_size, device, local_accum, dtype, autocast = setup_run(device, dtype, gradient_accumulation_steps,
@@ -165,6 +171,10 @@ with sized_by('n_layer, n_embd, intermediate_size, vocab_size or block_size'):
 base_optimizer = adamw(model.param_groups(weight_decay, decay_embeddings), device, lr=learning_rate,
                        betas=(beta1, beta2), eps=eps)
 iter_num, bad_steps = 0, 0
+# what this run computed, for the report's FLOPs: tokens through a forward and backward (a SAM step's batch twice),
+# and through a forward only (evaluation)
+compute = {'fwd_bwd_tokens': 0, 'fwd_tokens': 0}
+kept_component = None
 if init_from == 'resume' or (checkpoint is not None and keep_optimizer_state):
     check('optimizer' in checkpoint, f"{source_path} holds no optimizer state (a quantized or fine-tuned model?); " +
           ("start a new run from it with --init_from=<its path>" if init_from == 'resume' else
@@ -179,10 +189,14 @@ if init_from == 'resume' or (checkpoint is not None and keep_optimizer_state):
 if init_from == 'resume':
     iter_num = checkpoint['iter_num']
     bad_steps = checkpoint.get('bad_steps', 0)  # older checkpoints of format 1 lack it
+    compute = checkpoint.get('compute', compute)
+    kept_component = checkpoint.get('looksam')  # LookSAM's g_v
     torch.set_rng_state(checkpoint['rng_state'].cpu())  # map_location may have moved it to the GPU
 start_iter = iter_num
 checkpoint = None  # free the memory
-sam = SAM(base_optimizer, rho=sam_rho, adaptive=sam_adaptive, sync_ascent=sam_sync_ascent)
+sam = SAM(base_optimizer, rho=sam_rho, adaptive=sam_adaptive, sync_ascent=sam_sync_ascent, looksam=looksam_alpha > 0)
+if kept_component is not None:  # saved in parameter order
+    sam.kept_component = dict(zip(model.parameters(), kept_component))
 raw_model = model
 if compile:
     model = torch.compile(model)
@@ -190,6 +204,7 @@ if ddp:
     model = DDP(model, device_ids=[int(device.split(':')[1])] if device.startswith('cuda') else None)
 
 n_params, n_non_embedding = raw_model.num_params()
+flops_per_token = raw_model.flops_per_token()  # a forward and backward
 if master:
     print(f"model: {n_params / 1e6:.2f}M parameters ({n_non_embedding / 1e6:.2f}M non-embedding), "
           f"{world_size} process(es) on {device}, {dtype}")
@@ -202,6 +217,8 @@ def save():
     save_checkpoint({
         'model': raw_model.state_dict(), 'optimizer': base_optimizer.state_dict(), 'model_args': model_args,
         'iter_num': iter_num, 'tokens': iter_num * tokens_per_iter, 'bad_steps': bad_steps,
+        'compute': compute,
+        **({'looksam': [sam.kept_component[p] for p in raw_model.parameters()]} if sam.kept_component else {}),
         'config': config, 'rng_state': torch.get_rng_state(), 'data_fingerprint': meta.get('fingerprint'),
         'dataset': dataset, 'tokenizer': meta.get('tokenizer'), 'code_version': git_commit,
     }, ckpt_path)
@@ -228,9 +245,13 @@ while True:
     stopping = iter_num >= max_iters or iter_num == stop_at_iter
     if (iter_num % eval_interval == 0 or stopping) and not (init_from == 'resume' and iter_num == start_iter):
         val_loss = estimate_loss(raw_model, get_val_batch, eval_iters, autocast, rank, world_size)
+        compute['fwd_tokens'] += eval_iters * batch_size * block_size
         if master:
             progress.write(f"iter {iter_num}: val loss {val_loss:.4f}")
-            log({'iter': iter_num, 'tokens': iter_num * tokens_per_iter, 'val_loss': val_loss})
+            # training compute only: a stop_at_iter run evaluates once more than the run it resumes into
+            log({'iter': iter_num, 'tokens': iter_num * tokens_per_iter, 'val_loss': val_loss,
+                 'fwd_bwd_tokens': compute['fwd_bwd_tokens'],
+                 'train_flops': flops_per_token * compute['fwd_bwd_tokens']})
             if iter_num > 0:
                 save()
     if stopping:
@@ -238,13 +259,20 @@ while True:
     lr = lr_at(iter_num, learning_rate, max_iters, warmup_iters, lr_schedule, anneal_fraction, min_lr_ratio)
     for group in base_optimizer.param_groups:
         group['lr'] = lr
-    use_sam = optimizer == 'sam' and sam_start_fraction * max_iters <= iter_num < sam_end_fraction * max_iters
+    in_window = sam_start_fraction * max_iters <= iter_num < sam_end_fraction * max_iters
+    use_sam = optimizer in ('sam', 'msam') and in_window and iter_num % sam_interval == 0
+    look_back = looksam_alpha > 0 and in_window and not use_sam  # LookSAM: reuse the last SAM step's g_v
     micro_batches = [get_train_batch(iter_num, rank * local_accum + m) for m in range(local_accum)]
-    if use_sam:  # the paper's intervention: the gradient taken at w + rho g / ||g|| updates w (two passes)
+    if use_sam and optimizer == 'msam':  # Momentum-SAM: one pass, at w - rho m / ||m||
+        stats = msam_forward_backward(model, sam, micro_batches, autocast, z_loss)
+    elif use_sam:  # the paper's intervention: the gradient taken at w + rho g / ||g|| updates w (two passes)
         stats = sam_forward_backward(model, sam, micro_batches, autocast, z_loss)
     else:
         stats = {'loss': forward_backward(model, micro_batches, autocast, z_loss)}
+        if look_back:
+            sam.add_kept_component(looksam_alpha)
     stats['grad_norm'] = optimizer_step(model, base_optimizer, grad_clip, stats['loss'])  # no step if not finite
+    compute['fwd_bwd_tokens'] += tokens_per_iter * (2 if use_sam and optimizer == 'sam' else 1)
     pending.append((iter_num, lr, stats))
     iter_num += 1
     progress.update(1)
@@ -253,7 +281,7 @@ while True:
         records, bad_steps = read_steps(pending, tokens_per_iter, bad_steps)  # one host-device sync
         pending = []
         if log_line:
-            records[-1].update(speed(iter_num, passes=2 if use_sam else 1))
+            records[-1].update(speed(iter_num, passes=2 if use_sam and optimizer == 'sam' else 1))
         if master:
             log_steps(records, log, progress)
         if bad_steps > max_bad_steps:

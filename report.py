@@ -69,9 +69,143 @@ def percent_cell(values):
 
 
 def comparison_pairs(config):
-    """{base: the base it is compared with}: the experiment's `comparisons`, else every base against `baseline`."""
+    """{base: the base it is compared with}: the experiment's `comparisons`, else every base against `baseline`;
+    and each fine-tuning mitigation's row against its own base model."""
     baseline = config['baseline']
-    return dict(config.get('comparisons') or {b: baseline for b in config['bases'] if b != baseline})
+    pairs = dict(config.get('comparisons') or {b: baseline for b in config['bases'] if b != baseline})
+    return {**pairs, **{row: row.split('+')[0] for row in mitigation_rows(config)}}
+
+
+def mitigation_rows(config):
+    """The fine-tuning-time mitigations' rows, "<base>+<name>" (experiment.py's finetune_mitigations)."""
+    return [f'{base}+{name}' for name, (base, _) in config.get('finetune_mitigations', {}).items()]
+
+
+def last_record_with(path, key):
+    """The last line of a JSONL log that holds key, or None."""
+    found = None
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line cut short by a kill
+                    continue
+                found = record if key in record else found
+    except OSError:
+        pass
+    return found
+
+
+def training_flops(out_dir, stages, config):
+    """Training FLOPs as the runs counted them (pretrain.py's log, finetune.py's result.json: forward/backward tokens
+    x FLOPs per token): {row: {seed: {'pretrain': F, 'finetune': {task: mean over the learning-rate sweep}}}}."""
+    flops = {}
+    for stage in stages.values():
+        run = stage['name'].split('/')[1] if '/' in stage['name'] else ''
+        if stage['kind'] == 'pretrain':
+            record = last_record_with(os.path.join(stage['dir'], 'log.jsonl'), 'train_flops')
+            if record:
+                base, seed = run.rsplit('_s', 1)
+                flops.setdefault(base, {}).setdefault(seed, {'finetune': {}})['pretrain'] = record['train_flops']
+        elif stage['kind'] == 'finetune':
+            result = read_json(stage['product'])
+            if result and result.get('final') and 'compute' in result:
+                row, seed = run.rsplit('_s', 1)
+                entry = flops.setdefault(row, {}).setdefault(seed, {'finetune': {}})['finetune']
+                entry.setdefault(result['task'], []).append(result['compute']['train_flops'])
+    for per_seed in flops.values():
+        for entry in per_seed.values():
+            entry['finetune'] = {task: float(np.mean(v)) for task, v in entry['finetune'].items()}
+    return flops
+
+
+def flops_comparison(results, flops, config):
+    """Per compared row (base model or mitigation): its training FLOPs relative to its baseline's (pretraining plus
+    one fine-tuning run of the task, mean over seeds; 4-bit: pretraining alone) beside its % less forgetting with
+    the 95% interval (results['comparisons']: per task, matched loss; 4-bit). A mitigation keeps its base model, so
+    its 4-bit figure is its base's (0 for a mitigation of the baseline)."""
+    four_bit = next((m for m in ('nf4', 'fp4') if m in config['quantize_methods']), None)
+    pairs = comparison_pairs(config)
+    rows = {}
+    for row, a in pairs.items():
+        base = row.split('+')[0]
+        ratios = {}
+        for seed in map(str, config['seeds']):
+            own, ref = flops.get(base, {}).get(seed, {}), flops.get(a, {}).get(seed, {})
+            tuned = flops.get(row, {}).get(seed, {}).get('finetune', {})
+            if 'pretrain' not in own or 'pretrain' not in ref:
+                continue
+            for task in config['tasks']:
+                if task in tuned and task in ref['finetune']:
+                    ratios.setdefault(task, []).append((own['pretrain'] + tuned[task]) /
+                                                       (ref['pretrain'] + ref['finetune'][task]))
+            if four_bit:
+                ratios.setdefault(four_bit, []).append(own['pretrain'] / ref['pretrain'])
+        comparison = results['comparisons'].get(row, {})
+        percent = {task: comparison.get('sft', {}).get(task, {}).get('matched') for task in config['tasks']}
+        if four_bit:
+            percent[four_bit] = ([0.0, 0.0, 0.0] if base == a else
+                                 results['comparisons'].get(base, {}).get('quantization', {}).get(four_bit))
+        rows[row] = {'baseline': a, 'relative_flops': {k: float(np.mean(v)) for k, v in ratios.items()},
+                     'percent_less': percent}
+    return {'four_bit': four_bit, 'rows': rows}
+
+
+def flops_table(comparison, config):
+    """Markdown: each row's training FLOPs relative to its baseline (mean over tasks) and % less forgetting per task
+    and 4-bit, with 95% intervals."""
+    columns = list(config['tasks']) + ([comparison['four_bit']] if comparison['four_bit'] else [])
+    lines = ['| row | baseline | training FLOPs / baseline\'s | ' + ' | '.join(f'{c}: % less' for c in columns) + ' |',
+             '|---' * (3 + len(columns)) + '|']
+    for row, entry in comparison['rows'].items():
+        ratios = [entry['relative_flops'][t] for t in config['tasks'] if t in entry['relative_flops']]
+        cells = [f'{np.mean(ratios):.3f}' if ratios else 'n/a']
+        cells += [interval_cell(entry['percent_less'].get(c)) for c in columns]
+        lines.append(f"| {row} | {entry['baseline']} | " + ' | '.join(cells) + ' |')
+    return lines
+
+
+def plot_flops(comparison, config, path):
+    """% less forgetting against relative training FLOPs: one panel per task and one for 4-bit, a point per row
+    with its 95% interval."""
+    columns = list(config['tasks']) + ([comparison['four_bit']] if comparison['four_bit'] else [])
+    if not comparison['rows']:
+        return False
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    ncols = min(3, len(columns))
+    nrows = -(-len(columns) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.9 * nrows), squeeze=False)
+    for ax in axes.flat[len(columns):]:
+        ax.axis('off')
+    for ax, column in zip(axes.flat, columns):
+        for i, (row, entry) in enumerate(comparison['rows'].items()):
+            x, value = entry['relative_flops'].get(column), entry['percent_less'].get(column)
+            if x is None or not value or not math.isfinite(value[0]):
+                continue
+            bar = ([[max(value[0] - value[1], 0)], [max(value[2] - value[0], 0)]]
+                   if all(map(math.isfinite, value)) else None)
+            ax.errorbar(x, value[0], yerr=bar, fmt='o', color=f'C{i % 10}', capsize=3, label=row)
+        if not ax.has_data():
+            ax.text(0.5, 0.5, 'no % less forgetting to show\n(runs missing, or no baseline forgetting)',
+                    transform=ax.transAxes, ha='center', va='center', fontsize=8, color='grey')
+        ax.axhline(0, color='grey', lw=0.7)
+        ax.axvline(1, color='grey', lw=0.7, ls=':')
+        ax.set_title(f'{column} (4-bit: pretraining FLOPs)' if column == comparison['four_bit'] else column)
+        ax.set_xlabel("training FLOPs / its baseline's")
+        ax.set_ylabel('% less forgetting')
+    handles = {}  # one legend for all panels: a row may be missing from some
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), fontsize=8, loc='lower center', ncol=min(5, max(1, len(handles))))
+    fig.tight_layout(rect=(0, 0.06 + 0.03 * (len(handles) // 5), 1, 1))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format='png')
+    plt.close(fig)
+    return True
 
 
 def collect(out_dir, stages, config):
@@ -337,7 +471,7 @@ def plot_frontiers(results, config, path):
     tasks = [t for t in config['tasks'] if t in results['sft']]
     if not tasks:
         return False
-    colors = {b: f'C{i}' for i, b in enumerate(config['bases'])}
+    colors = {b: f'C{i % 10}' for i, b in enumerate(list(config['bases']) + mitigation_rows(config))}
     ncols = min(3, len(tasks))
     nrows = -(-len(tasks) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.9 * nrows), squeeze=False)
@@ -501,6 +635,8 @@ def write_report(out_dir, stages, config):
     has_frontiers = plot_frontiers(results, config, os.path.join(out_dir, 'frontiers.png'))
     has_sharpness = plot_sharpness(results, config, os.path.join(out_dir, 'sharpness.png'))
     has_regime = plot_regime(results, config, os.path.join(out_dir, 'tokens_per_parameter.png'))
+    results['flops'] = flops_comparison(results, training_flops(out_dir, stages, config), config)
+    has_flops = plot_flops(results['flops'], config, os.path.join(out_dir, 'flops.png'))
 
     lines = [f"# Learning-forgetting experiment: `{out_dir}`", '',
              f"Report written {datetime.datetime.now().isoformat(timespec='seconds')} by "
@@ -512,7 +648,9 @@ def write_report(out_dir, stages, config):
                  for r in invocations) or 'n/a'),
              '- Stage time (sum over stages, all invocations; parallel stages overlap): ' +
              ', '.join(f'{kind} {s:.0f} s' for kind, s in stage_seconds.items()),
-             f"- Base models: {', '.join(config['bases'])} (baseline {baseline}); seeds {list(config['seeds'])}; "
+             f"- Base models: {', '.join(config['bases'])} (baseline {baseline})"
+             + (f"; fine-tuning mitigations: {', '.join(mitigation_rows(config))}" if mitigation_rows(config) else '')
+             + f"; seeds {list(config['seeds'])}; "
              f"tasks {', '.join(config['tasks'])}; quantization {', '.join(config['quantize_methods'])}", '']
     lines += summary_lines(results, config)
     lines += ['## Base models', '', '| base | pretraining val loss | ' + ' | '.join(
@@ -545,6 +683,14 @@ def write_report(out_dir, stages, config):
     if config.get('lm_eval_tasks'):
         results['benchmarks'] = collect_benchmarks(out_dir, stages, config)
         lines += benchmark_lines(results['benchmarks'], config, others)
+    if has_flops:
+        lines += ['', '## Forgetting per FLOP', '', '![% less forgetting against training FLOPs](flops.png)', '',
+                  'Training FLOPs counted from the runs (forward and backward tokens x FLOPs per token; '
+                  'docs/forgetting_per_flop.md), pretraining plus one fine-tuning run of the task, relative to the '
+                  "row's baseline (4-bit: pretraining alone); % less forgetting at matched fine-tuning loss with its "
+                  '95% bootstrap interval, as in the summary. A mitigation row is compared with its own base model, '
+                  'which it keeps: its 4-bit figure is its base\'s.', '']
+        lines += flops_table(results['flops'], config)
     if has_regime:
         lines += ['', '## Against pretraining tokens per parameter', '', '![% less forgetting against tokens per '
                   'parameter](tokens_per_parameter.png)', '', 'Each compared pair at its tokens per (total) parameter: '

@@ -141,14 +141,29 @@ def optimizer_step(model, optimizer, grad_clip, loss):
     return grad_norm
 
 
-def train_step(model, optimizer, micro_batches, autocast, grad_clip, sam=None, z_loss=0.0):
-    """One optimizer step on micro_batches, with SAM's two passes when sam is given. Returns its stats as 0-dim device
-    tensors (read_stats turns them into numbers): loss, grad_norm (before clipping) and, with SAM, those of
-    sam_forward_backward."""
+def msam_forward_backward(model, sam, micro_batches, autocast, z_loss=0.0):
+    """Momentum-SAM (Becker et al. 2024): one pass, at w - rho m / ||m|| (m: AdamW's exp_avg, the same on every DDP
+    rank), then back to exactly w. Returns 0-dim device tensors: loss (there) and momentum_norm."""
+    momentum_norm = sam.first_step_along_momentum()
+    loss = forward_backward(model, micro_batches, autocast, z_loss)
+    sam.restore()
+    return {'loss': loss, 'momentum_norm': torch.as_tensor(momentum_norm)}
+
+
+def train_step(model, optimizer, micro_batches, autocast, grad_clip, sam=None, z_loss=0.0, along_momentum=False,
+               adjust_grad=None):
+    """One optimizer step on micro_batches, with SAM's two passes when sam is given (Momentum-SAM's one pass with
+    along_momentum). Returns its stats as 0-dim device tensors (read_stats turns them into numbers): loss, grad_norm
+    (before clipping) and, with SAM, those of sam_forward_backward. adjust_grad(), if given, changes the accumulated
+    gradient before clipping (finetune.py's l2_init; LookSAM's kept component between SAM steps)."""
     if sam is None:
         stats = {'loss': forward_backward(model, micro_batches, autocast, z_loss)}
+    elif along_momentum:
+        stats = msam_forward_backward(model, sam, micro_batches, autocast, z_loss)
     else:
         stats = sam_forward_backward(model, sam, micro_batches, autocast, z_loss)
+    if adjust_grad is not None:
+        adjust_grad()
     stats['grad_norm'] = optimizer_step(model, optimizer, grad_clip, stats['loss'])
     return stats
 
