@@ -166,21 +166,33 @@ def flops_table(comparison, config):
     return lines
 
 
+def panel_grid(n_panels, ncols, width, height):
+    """A figure of n_panels axes, ncols to a row, the unused ones hidden. matplotlib is imported only to draw."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    nrows = -(-n_panels // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
+    for ax in axes.flat[n_panels:]:
+        ax.axis('off')
+    return fig, axes.flat[:n_panels]
+
+
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format='png')
+    plt.close(fig)
+
+
 def plot_flops(comparison, config, path):
     """% less forgetting against relative training FLOPs: one panel per task and one for 4-bit, a point per row
     with its 95% interval."""
     columns = list(config['tasks']) + ([comparison['four_bit']] if comparison['four_bit'] else [])
     if not comparison['rows']:
         return False
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    ncols = min(3, len(columns))
-    nrows = -(-len(columns) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.9 * nrows), squeeze=False)
-    for ax in axes.flat[len(columns):]:
-        ax.axis('off')
-    for ax, column in zip(axes.flat, columns):
+    fig, axes = panel_grid(len(columns), min(3, len(columns)), 4.6, 3.9)
+    for ax, column in zip(axes, columns):
         for i, (row, entry) in enumerate(comparison['rows'].items()):
             x, value = entry['relative_flops'].get(column), entry['percent_less'].get(column)
             if x is None or not value or not math.isfinite(value[0]):
@@ -202,9 +214,7 @@ def plot_flops(comparison, config, path):
             handles.setdefault(label, handle)
     fig.legend(list(handles.values()), list(handles), fontsize=8, loc='lower center', ncol=min(5, max(1, len(handles))))
     fig.tight_layout(rect=(0, 0.06 + 0.03 * (len(handles) // 5), 1, 1))
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format='png')
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -465,19 +475,12 @@ def comparison_table(what, rows, others):
 
 
 def plot_frontiers(results, config, path):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     tasks = [t for t in config['tasks'] if t in results['sft']]
     if not tasks:
         return False
     colors = {b: f'C{i % 10}' for i, b in enumerate(list(config['bases']) + mitigation_rows(config))}
-    ncols = min(3, len(tasks))
-    nrows = -(-len(tasks) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.9 * nrows), squeeze=False)
-    for ax in axes.flat[len(tasks):]:
-        ax.axis('off')
-    for ax, task in zip(axes.flat, tasks):
+    fig, axes = panel_grid(len(tasks), min(3, len(tasks)), 4.6, 3.9)
+    for ax, task in zip(axes, tasks):
         runs = sorted(results['sft'][task].items())
         for seed_index, (seed, res) in enumerate(runs):
             for base, points in res['points'].items():
@@ -504,9 +507,7 @@ def plot_frontiers(results, config, path):
         ax.set_ylabel('pretraining val loss (forgetting)')
         ax.legend(fontsize=8, loc='lower left')
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format='png')
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -536,9 +537,7 @@ def plot_sharpness(results, config, path):
             ax.set_ylabel(ylabel)
             ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format='png')
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -549,17 +548,10 @@ def plot_regime(results, config, path):
     tpp = {b: finite_mean([r.get('tokens_per_parameter') for r in results['bases'].get(b, {}).values()]) for b in pairs}
     if len({round(v) for v in tpp.values() if math.isfinite(v)}) < 2:
         return False
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     records = read_authors_records()
     panels = list(config['tasks']) + ['mean'] + [m for m in config['quantize_methods'] if m in ('nf4', 'fp4')]
-    ncols = 4
-    fig, axes = plt.subplots(-(-len(panels) // ncols), ncols, figsize=(4.2 * ncols, 3.4 * -(-len(panels) // ncols)),
-                             squeeze=False)
-    for ax in axes.flat[len(panels):]:
-        ax.axis('off')
-    for ax, panel in zip(axes.flat, panels):
+    fig, axes = panel_grid(len(panels), 4, 4.2, 3.4)
+    for ax, panel in zip(axes, panels):
         column = '4bit' if panel in ('nf4', 'fp4') else panel
         for size, marker in (('20M', 'v'), ('60M', 's'), ('150M', '^')):
             rows = [r for r in records if r['size'] == size]
@@ -574,6 +566,8 @@ def plot_regime(results, config, path):
                 if not value or not math.isfinite(tpp[b]) or (panel in ('nf4', 'fp4') and figure == 'area'):
                     continue
                 x = tpp[b] * (1.06 if offset else 1 / 1.06)  # the two figures side by side
+                if panel == 'mean':  # which pair is which (several may share a budget, e.g. a control)
+                    ax.annotate(b, (x, value[0]), fontsize=5, xytext=(3, 0), textcoords='offset points')
                 ax.errorbar(x, value[0], yerr=[[max(value[0] - value[1], 0)], [max(value[2] - value[0], 0)]],
                             fmt='o', color=color, ms=4, capsize=2,
                             label=None if b != next(iter(pairs)) else 'ours' if panel in ('nf4', 'fp4') else
@@ -584,11 +578,9 @@ def plot_regime(results, config, path):
         ax.set_xlabel('pretraining tokens per parameter')
         ax.set_ylabel('% less forgetting (SAM vs AdamW)')
         ax.set_ylim(max(ax.get_ylim()[0], -150), min(ax.get_ylim()[1], 100))
-    axes.flat[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format='png')
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -671,9 +663,9 @@ def write_report(out_dir, stages, config):
                   'one per base model and seed; a dotted line is the matched fine-tuning loss of that base model and the '
                   'baseline (one per seed).', '']
     lines += ['Each base model is compared with its baseline alone, as the paper compares two models: the threshold is '
-              f'the larger of the two best fine-tuning losses, and forgetting F = pretraining val loss on the frontier '
-              f"there - the base model's own. % less forgetting (positive = forgets less): mean ± std over seeds "
-              f'[per-seed values].', '']
+              'the larger of the two best fine-tuning losses, and forgetting F = pretraining val loss on the frontier '
+              "there - the base model's own. % less forgetting (positive = forgets less): mean ± std over seeds "
+              '[per-seed values].', '']
     lines += comparison_table('task', {task: results['sft'].get(task, {}) for task in config['tasks']}, others)
     lines += ['', '## Forgetting after quantization', '',
               'F = pretraining val loss of the quantized model - that of the base model (same batches); % less than '

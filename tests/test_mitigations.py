@@ -196,11 +196,11 @@ def test_killed_mitigation_run_resumes_bit_for_bit(fork_script, tiny_ckpt, tmp_p
 
 
 @pytest.mark.parametrize('args,message', [
-    (['--replay_fraction=1'], 'replay_fraction must be in [0, 1)'),
+    (['--replay_fraction=1'], 'replay_fraction must be a number >= 0 and < 1'),
     (['--replay_fraction=0.05'], 'adds no sequence'),
     (['--ewc_sequences=4'], 'set l2_init > 0 too'),
     (['--lora_rank=4', '--l2_init=1'], 'only adapters train'),
-    (['--lora_rank=-1'], 'lora_rank must be >= 0'),
+    (['--lora_rank=-1'], 'lora_rank must be an int >= 0'),
 ])
 def test_bad_mitigation_settings_are_refused(run_script, tiny_ckpt, tmp_path, args, message):
     out = tmp_path / 'out'

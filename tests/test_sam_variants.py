@@ -227,7 +227,7 @@ def test_ddp_msam_matches_one_process(wiki, runs, tmp_path):
     assert final['fwd_bwd_tokens'] == STEPS * ACCUM * BATCH * BLOCK
 
 
-@pytest.mark.parametrize('args,message', [(['--sam_interval=0'], 'sam_interval must be >= 1'),
+@pytest.mark.parametrize('args,message', [(['--sam_interval=0'], 'sam_interval must be an int >= 1'),
                                           (['--optimizer=msam', '--sam_adaptive=True'], 'sam_adaptive'),
                                           (['--optimizer=msam', '--looksam_alpha=0.5'], "needs optimizer='sam'"),
                                           (['--optimizer=lookahead'], 'optimizer')])
