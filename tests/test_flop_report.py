@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from report import flops_comparison, flops_table, plot_flops, training_flops
+from figures import plot_flops
+from report import flops_comparison, flops_table, training_flops
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
