@@ -60,6 +60,15 @@ def run_script():
     return run
 
 
+@pytest.fixture(scope='session')
+def hf_dir(tiny_ckpt, run_script, tmp_path_factory):
+    """tiny_ckpt exported by export_hf.py: the same model as a Hugging Face directory."""
+    out = str(tmp_path_factory.mktemp('hf_export') / 'hf')
+    result = run_script('export_hf.py', f'--init_from={tiny_ckpt}', f'--out_dir={out}')
+    assert result.returncode == 0, result.stderr
+    return out
+
+
 @pytest.fixture(scope='module')
 def one_thread():
     """Tiny models run far faster on one thread of the 2-core CI machine (two oversubscribe it, 5-10x slower);

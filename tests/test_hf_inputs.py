@@ -16,15 +16,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
-@pytest.fixture(scope='module')
-def hf_dir(tiny_ckpt, run_script, tmp_path_factory):
-    """tiny_ckpt exported by export_hf.py: the same model as a Hugging Face directory."""
-    out = str(tmp_path_factory.mktemp('hf_inputs') / 'hf')
-    result = run_script('export_hf.py', f'--init_from={tiny_ckpt}', f'--out_dir={out}')
-    assert result.returncode == 0, result.stderr
-    return out
-
-
 def test_quantize_and_evaluate_take_a_hf_directory(hf_dir, tiny_ckpt, wiki, run_script, tmp_path):
     for name, source in (('ours', tiny_ckpt), ('hf', hf_dir)):
         result = run_script('quantize.py', f'--init_from={source}', f'--out_dir={tmp_path / name}', '--method=nf4',

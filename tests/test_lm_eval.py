@@ -131,18 +131,10 @@ def test_unknown_lm_eval_task_is_one_line(run_script, tiny_ckpt, task_dir, tmp_p
     assert not os.path.exists(tmp_path / 'eval.json')
 
 
-@pytest.fixture(scope='module')
-def exported(tiny_ckpt, run_script, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp('lm_eval_export') / 'hf')
-    result = run_script('export_hf.py', f'--init_from={tiny_ckpt}', f'--out_dir={out}')
-    assert result.returncode == 0, result.stderr
-    return out
-
-
-def test_export_generates_with_transformers_pipeline(exported, tiny_ckpt, wiki):
+def test_export_generates_with_transformers_pipeline(hf_dir, tiny_ckpt, wiki):
     """pipeline('text-generation') on the exported directory, no edits: its greedy continuation (through the exported
     tokenizer, both ways) is model.py's greedy continuation of the same prompt."""
-    generate = transformers.pipeline('text-generation', model=exported, device='cpu')
+    generate = transformers.pipeline('text-generation', model=hf_dir, device='cpu')
     prompt = 'The history of the city'
     text = generate(prompt, max_new_tokens=8, do_sample=False, return_full_text=False)[0]['generated_text']
     enc = load_tokenizer(load_meta(wiki))
@@ -154,11 +146,11 @@ def test_export_generates_with_transformers_pipeline(exported, tiny_ckpt, wiki):
     assert text == enc.decode(ids[len(enc.encode_ordinary(prompt)):])
 
 
-def test_export_loads_in_lm_eval(exported, tiny_ckpt, wiki, task_dir):
+def test_export_loads_in_lm_eval(hf_dir, tiny_ckpt, wiki, task_dir):
     """lm-eval's own HFLM loading the exported directory by path gives the scores of our model."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-    lm = HFLM(pretrained=exported, device='cpu', batch_size=4, dtype='float32')
+    lm = HFLM(pretrained=hf_dir, device='cpu', batch_size=4, dtype='float32')
     out = lm_eval.simple_evaluate(model=lm, tasks=['local_text'], log_samples=False,
                                   task_manager=lm_eval.tasks.TaskManager(include_path=task_dir, include_defaults=False))
     direct = direct_scores(load_model(tiny_ckpt)[0], load_tokenizer(load_meta(wiki)))
