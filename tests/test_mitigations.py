@@ -195,6 +195,29 @@ def test_killed_mitigation_run_resumes_bit_for_bit(fork_script, tiny_ckpt, tmp_p
     assert 'already finished' in ok(fork_script('finetune.py', *resume).wait()).stdout
 
 
+@pytest.mark.parametrize('args', [['--replay_fraction=0.5', '--l2_init=30', '--ewc_sequences=6'], ['--lora_rank=4']],
+                         ids=['replay_l2_ewc', 'lora'])
+def test_ddp_mitigation_matches_one_process(fork_script, tiny_ckpt, tmp_path, args):
+    """2 processes x 1 micro-batch = 1 process x 2: each rank replays its own micro-batch's pretraining sequences,
+    the L2/EWC term (and its Fisher) is the same on every rank, LoRA's adapters are all-reduced like any weight."""
+    import subprocess
+    import sys
+    from test_reliability import REPO
+    ddp_out, single_out = str(tmp_path / 'ddp'), str(tmp_path / 'single')
+    common = [f'--init_from={tiny_ckpt}', *SHORT, '--gradient_accumulation_steps=2', *args]
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                             os.path.join(REPO, 'finetune.py'), f'--out_dir={ddp_out}', *common], cwd=REPO,
+                            capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ok(fork_script('finetune.py', f'--out_dir={single_out}', *common).wait())
+    ddp, single, base = checkpoint(ddp_out), checkpoint(single_out), torch.load(tiny_ckpt, weights_only=False)
+    for key, value in single['model'].items():
+        torch.testing.assert_close(ddp['model'][key], value, rtol=1e-4, atol=1e-5)
+    assert max((value - base['model'][key]).abs().max() for key, value in single['model'].items()) > 1e-4  # trained
+    assert result_of(ddp_out)['final'] == pytest.approx(result_of(single_out)['final'], abs=1e-4)
+    assert result_of(ddp_out)['compute'] == result_of(single_out)['compute']
+
+
 @pytest.mark.parametrize('args,message', [
     (['--replay_fraction=1'], 'replay_fraction must be a number >= 0 and < 1'),
     (['--replay_fraction=0.05'], 'adds no sequence'),

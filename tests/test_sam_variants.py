@@ -227,6 +227,31 @@ def test_ddp_msam_matches_one_process(wiki, runs, tmp_path):
     assert final['fwd_bwd_tokens'] == STEPS * ACCUM * BATCH * BLOCK
 
 
+def test_ddp_looksam_keeps_the_ranks_identical(wiki, runs, tmp_path):
+    """With the paper's rank-local ascent each rank has its own ascent direction, hence its own g_v: averaged across
+    ranks, the AdamW steps between stay the same on both. With a synchronised ascent the run is the one-process one."""
+    import subprocess
+    import sys
+    from test_reliability import FAULTS, REPO
+    marker = str(tmp_path / 'weights')
+    for ascent, out in (('False', 'local'), ('True', 'synced')):
+        env = {**os.environ, 'OMP_NUM_THREADS': '1', 'FLATMIN_TEST_HOOK': f'weights:11:{marker}_{out}',
+               'PYTHONPATH': os.pathsep.join([FAULTS, REPO])}
+        result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                                 os.path.join(REPO, 'pretrain.py'), f'--data_root={os.path.dirname(wiki)}',
+                                 f'--out_dir={tmp_path / out}', *PRETRAIN, *VARIANTS['looksam_every_3rd'],
+                                 f'--sam_sync_ascent={ascent}'], cwd=REPO, capture_output=True, text=True, env=env,
+                                timeout=180)
+        assert result.returncode == 0, result.stderr[-3000:]
+        rank0, rank1 = (torch.load(f'{marker}_{out}.rank{r}.pt') for r in (0, 1))
+        assert_same_tensors(rank0, rank1)  # by iteration 11: SAM at 0, 3, 6, 9 and LookSAM steps between
+    single, local = checkpoint(runs('looksam_every_3rd')), checkpoint(str(tmp_path / 'local'))
+    assert max((local['model'][k] - v).abs().max() for k, v in single['model'].items()) > 1e-4  # m-sharpness differs
+    synced = checkpoint(str(tmp_path / 'synced'))
+    for key, value in single['model'].items():
+        torch.testing.assert_close(synced['model'][key], value, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize('args,message', [(['--sam_interval=0'], 'sam_interval must be an int >= 1'),
                                           (['--optimizer=msam', '--sam_adaptive=True'], 'sam_adaptive'),
                                           (['--optimizer=msam', '--looksam_alpha=0.5'], "needs optimizer='sam'"),

@@ -6,6 +6,8 @@ point and then sleep until the test SIGKILLs it, so every kill lands exactly whe
         checkpoint at n, before its step);
   save  the n-th checkpoint this process writes: torch.save has returned, the temporary file is neither closed nor
         renamed yet.
+  weights  no kill: at iteration n (as for iter) each rank saves its model's weights to <marker>.rank<RANK>.pt and
+        goes on, so a DDP test can compare what the ranks hold.
 Under DDP only the rank FLATMIN_TEST_HOOK_RANK (default: every rank) stops. A Python started with this directory and
 the repository on PYTHONPATH installs it (sitecustomize.py); conftest's fork server calls install() itself.
 """
@@ -46,5 +48,19 @@ def install():
             if saves[0] == at:
                 pause(marker)
         torch.save = save
+    elif event == 'weights':
+        import inspect
+
+        import torch
+        import training
+        real_lr_at = training.lr_at
+
+        def lr_at(it, *args, **kwargs):
+            if it == at:  # the caller is the training script's loop: its module globals hold raw_model
+                model = inspect.currentframe().f_back.f_globals['raw_model']
+                torch.save({k: v.detach().clone() for k, v in model.state_dict().items()},
+                           f"{marker}.rank{os.environ.get('RANK', '0')}.pt")
+            return real_lr_at(it, *args, **kwargs)
+        training.lr_at = lr_at
     else:
         raise ValueError(f"FLATMIN_TEST_HOOK: unknown event {event!r}")
