@@ -8,7 +8,7 @@ import os
 import numpy as np
 
 from checkpoint import atomic_path
-from report import PAPER_TASKS, SHARPNESS, comparison_pairs, finite_mean, mitigation_rows
+from report import PAPER_TASKS, SHARPNESS, comparison_pairs, finite_mean, flops_columns, mitigation_rows
 
 
 def panel_grid(n_panels, ncols, width, height):
@@ -31,9 +31,9 @@ def save_figure(fig, path):
 
 
 def plot_flops(comparison, config, path):
-    """% less forgetting against relative training FLOPs: one panel per task and one for 4-bit, a point per row
+    """% less forgetting against relative training FLOPs: panels over tasks, per task and 4-bit, a point per row
     with its 95% interval."""
-    columns = list(config['tasks']) + ([comparison['four_bit']] if comparison['four_bit'] else [])
+    columns = flops_columns(comparison, config)
     if not comparison['rows']:
         return False
     fig, axes = panel_grid(len(columns), min(3, len(columns)), 4.6, 3.9)
@@ -50,7 +50,8 @@ def plot_flops(comparison, config, path):
                     transform=ax.transAxes, ha='center', va='center', fontsize=8, color='grey')
         ax.axhline(0, color='grey', lw=0.7)
         ax.axvline(1, color='grey', lw=0.7, ls=':')
-        ax.set_title(f'{column} (4-bit: pretraining FLOPs)' if column == comparison['four_bit'] else column)
+        ax.set_title(f'{column} (4-bit: pretraining FLOPs)' if column == comparison['four_bit'] else
+                     'mean over tasks (area)' if column == 'mean' else f'{column} (area)')
         ax.set_xlabel("training FLOPs / its baseline's")
         ax.set_ylabel('% less forgetting')
     handles = {}  # one legend for all panels: a row may be missing from some

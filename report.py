@@ -122,9 +122,10 @@ def training_flops(out_dir, stages, config):
 
 def flops_comparison(results, flops, config):
     """Per compared row (base model or mitigation): its training FLOPs relative to its baseline's (pretraining plus
-    one fine-tuning run of the task, mean over seeds; 4-bit: pretraining alone) beside its % less forgetting with
-    the 95% interval (results['comparisons']: per task, matched loss; 4-bit). A mitigation keeps its base model, so
-    its 4-bit figure is its base's (0 for a mitigation of the baseline)."""
+    one fine-tuning run of the task, mean over seeds; 'mean': over tasks; 4-bit: pretraining alone) beside its % less
+    forgetting with the 95% interval (results['comparisons']): the area figure per task and over tasks (the verdict's
+    grid-robust figure), the matched one over tasks, and 4-bit. A mitigation keeps its base model, so its 4-bit figure
+    is its base's (0 for a mitigation of the baseline)."""
     four_bit = next((m for m in ('nf4', 'fp4') if m in config['quantize_methods']), None)
     pairs = comparison_pairs(config)
     rows = {}
@@ -136,32 +137,42 @@ def flops_comparison(results, flops, config):
             tuned = flops.get(row, {}).get(seed, {}).get('finetune', {})
             if 'pretrain' not in own or 'pretrain' not in ref:
                 continue
-            for task in config['tasks']:
-                if task in tuned and task in ref['finetune']:
-                    ratios.setdefault(task, []).append((own['pretrain'] + tuned[task]) /
-                                                       (ref['pretrain'] + ref['finetune'][task]))
+            per_task = [(task, (own['pretrain'] + tuned[task]) / (ref['pretrain'] + ref['finetune'][task]))
+                        for task in config['tasks'] if task in tuned and task in ref['finetune']]
+            for task, ratio in per_task:
+                ratios.setdefault(task, []).append(ratio)
+            if per_task:
+                ratios.setdefault('mean', []).append(float(np.mean([r for _, r in per_task])))
             if four_bit:
                 ratios.setdefault(four_bit, []).append(own['pretrain'] / ref['pretrain'])
-        comparison = results['comparisons'].get(row, {})
-        percent = {task: comparison.get('sft', {}).get(task, {}).get('matched') for task in config['tasks']}
+        sft = results['comparisons'].get(row, {}).get('sft', {})
+        percent = {task: sft.get(task, {}).get('area') for task in ('mean', *config['tasks'])}
         if four_bit:
             percent[four_bit] = ([0.0, 0.0, 0.0] if base == a else
                                  results['comparisons'].get(base, {}).get('quantization', {}).get(four_bit))
         rows[row] = {'baseline': a, 'relative_flops': {k: float(np.mean(v)) for k, v in ratios.items()},
-                     'percent_less': percent}
+                     'percent_less': percent, 'matched_mean': sft.get('mean', {}).get('matched')}
     return {'four_bit': four_bit, 'rows': rows}
 
 
+def flops_columns(comparison, config):
+    """The FLOPs table's and figure's columns: over tasks, each task, 4-bit."""
+    return ['mean', *config['tasks']] + ([comparison['four_bit']] if comparison['four_bit'] else [])
+
+
 def flops_table(comparison, config):
-    """Markdown: each row's training FLOPs relative to its baseline (mean over tasks) and % less forgetting per task
-    and 4-bit, with 95% intervals."""
-    columns = list(config['tasks']) + ([comparison['four_bit']] if comparison['four_bit'] else [])
-    lines = ['| row | baseline | training FLOPs / baseline\'s | ' + ' | '.join(f'{c}: % less' for c in columns) + ' |',
-             '|---' * (3 + len(columns)) + '|']
+    """Markdown: each row's training FLOPs relative to its baseline (mean over tasks) and % less forgetting with 95%
+    intervals: area figure over tasks, matched figure over tasks, area figure per task, 4-bit."""
+    columns = flops_columns(comparison, config)
+    names = (['tasks (area)', 'tasks (matched)'] + [f'{c} (area)' for c in config['tasks']]
+             + columns[1 + len(config['tasks']):])
+    lines = ["| row | baseline | training FLOPs / baseline's | " + ' | '.join(f'{c}: % less' for c in names) + ' |',
+             '|---' * (3 + len(names)) + '|']
     for row, entry in comparison['rows'].items():
-        ratios = [entry['relative_flops'][t] for t in config['tasks'] if t in entry['relative_flops']]
-        cells = [f'{np.mean(ratios):.3f}' if ratios else 'n/a']
-        cells += [interval_cell(entry['percent_less'].get(c)) for c in columns]
+        ratio = entry['relative_flops'].get('mean')
+        cells = [f'{ratio:.3f}' if ratio is not None else 'n/a', interval_cell(entry['percent_less'].get('mean')),
+                 interval_cell(entry['matched_mean'])]
+        cells += [interval_cell(entry['percent_less'].get(c)) for c in columns[1:]]
         lines.append(f"| {row} | {entry['baseline']} | " + ' | '.join(cells) + ' |')
     return lines
 
@@ -511,8 +522,8 @@ def write_report(out_dir, stages, config):
         lines += ['', '## Forgetting per FLOP', '', '![% less forgetting against training FLOPs](flops.png)', '',
                   'Training FLOPs counted from the runs (forward and backward tokens x FLOPs per token; '
                   'docs/forgetting_per_flop.md), pretraining plus one fine-tuning run of the task, relative to the '
-                  "row's baseline (4-bit: pretraining alone); % less forgetting at matched fine-tuning loss with its "
-                  '95% bootstrap interval, as in the summary. A mitigation row is compared with its own base model, '
+                  "row's baseline (4-bit: pretraining alone); % less forgetting with its 95% bootstrap interval, as in "
+                  'the summary: the area figure (grid-robust) over tasks and per task, the matched one over tasks. A mitigation row is compared with its own base model, '
                   'which it keeps: its 4-bit figure is its base\'s.', '']
         lines += flops_table(results['flops'], config)
     if has_regime:

@@ -75,20 +75,29 @@ def test_flops_table_and_figure_from_known_counts(tmp_path):
                 stages[name] = {'name': name, 'kind': 'finetune', 'dir': str(tmp_path / name), 'product': product}
                 write(product, json.dumps({'task': 'gsm8k', 'final': {'ft_val_loss': 1.0},
                                            'compute': {'train_flops': flops}}))
-    interval = {'sam': {'sft': {'gsm8k': {'matched': [15.0, 5.0, 25.0]}}, 'quantization': {'nf4': [40.0, -2.0, 60.0]}},
-                'adamw+replay': {'sft': {'gsm8k': {'matched': [5.0, 1.0, 11.0]}}}}
+    interval = {'sam': {'sft': {'gsm8k': {'matched': [15.0, 5.0, 25.0], 'area': [12.0, 4.0, 20.0]},
+                                'mean': {'matched': [15.0, 5.0, 25.0], 'area': [12.0, 4.0, 20.0]}},
+                        'quantization': {'nf4': [40.0, -2.0, 60.0]}},
+                'adamw+replay': {'sft': {'gsm8k': {'matched': [5.0, 1.0, 11.0], 'area': [3.0, -1.0, 6.0]},
+                                         'mean': {'matched': [5.0, 1.0, 11.0], 'area': [3.0, -1.0, 6.0]}}}}
     comparison = flops_comparison({'comparisons': interval}, training_flops(str(tmp_path), stages, config), config)
     assert comparison['four_bit'] == 'nf4'
     sam, replay = comparison['rows']['sam'], comparison['rows']['adamw+replay']
-    # (pretraining + mean fine-tuning run) / the baseline's; 4-bit: pretraining only
-    assert sam['relative_flops'] == {'gsm8k': pytest.approx((200 + 20) / (100 + 20)), 'nf4': 2.0}
-    assert replay['relative_flops'] == {'gsm8k': pytest.approx((100 + 40) / (100 + 20)), 'nf4': 1.0}
-    assert sam['percent_less'] == {'gsm8k': [15.0, 5.0, 25.0], 'nf4': [40.0, -2.0, 60.0]}
-    assert replay['percent_less'] == {'gsm8k': [5.0, 1.0, 11.0], 'nf4': [0.0, 0.0, 0.0]}  # it keeps the AdamW base
+    # (pretraining + mean fine-tuning run) / the baseline's, and its mean over tasks; 4-bit: pretraining only
+    sam_ratio, replay_ratio = (200 + 20) / (100 + 20), (100 + 40) / (100 + 20)
+    assert sam['relative_flops'] == {'gsm8k': pytest.approx(sam_ratio), 'mean': pytest.approx(sam_ratio), 'nf4': 2.0}
+    assert replay['relative_flops'] == {'gsm8k': pytest.approx(replay_ratio), 'mean': pytest.approx(replay_ratio),
+                                        'nf4': 1.0}
+    # the area figure per task and over tasks, the matched one over tasks
+    assert sam['percent_less'] == {'mean': [12.0, 4.0, 20.0], 'gsm8k': [12.0, 4.0, 20.0], 'nf4': [40.0, -2.0, 60.0]}
+    assert sam['matched_mean'] == [15.0, 5.0, 25.0]
+    assert replay['percent_less']['nf4'] == [0.0, 0.0, 0.0]  # it keeps the AdamW base
     assert replay['baseline'] == 'adamw'
     table = flops_table(comparison, config)
-    assert table[0] == "| row | baseline | training FLOPs / baseline's | gsm8k: % less | nf4: % less |"
-    assert table[2] == '| sam | adamw | 1.833 | 15.0 [5.0, 25.0] less | 40.0 [-2.0, 60.0] n.d. |'
-    assert table[3].startswith('| adamw+replay | adamw | 1.167 | 5.0 [1.0, 11.0] less |')
+    assert table[0] == ("| row | baseline | training FLOPs / baseline's | tasks (area): % less "
+                        "| tasks (matched): % less | gsm8k (area): % less | nf4: % less |")
+    assert table[2] == ('| sam | adamw | 1.833 | 12.0 [4.0, 20.0] less | 15.0 [5.0, 25.0] less '
+                        '| 12.0 [4.0, 20.0] less | 40.0 [-2.0, 60.0] n.d. |')
+    assert table[3].startswith('| adamw+replay | adamw | 1.167 | 3.0 [-1.0, 6.0] n.d. | 5.0 [1.0, 11.0] less |')
     assert plot_flops(comparison, config, str(tmp_path / 'flops.png'))
     assert os.path.getsize(tmp_path / 'flops.png') > 1000
