@@ -3,6 +3,7 @@ Training speed on this machine, at the CPU presets' shapes (docs/speed.md has th
 
     python benchmark.py                                    # both parts below (a few minutes on 2 cores)
     python benchmark.py --sam=False --threads=1            # only part 1, on one thread (as the experiment's jobs run)
+    python benchmark.py --reference=False --sam=False --experiment=True   # only part 3 (about 18 minutes on 2 cores)
 
 1. pretrain.py's model (model.py, OLMo style) against a GPT-2-style reference written the straightforward way (below:
    LayerNorm, GELU MLP, learned positions, tied head, eager torch.nn), AdamW steps through training.train_step at
@@ -13,6 +14,8 @@ Training speed on this machine, at the CPU presets' shapes (docs/speed.md has th
    and the model of configs/experiments/cpu_regime.py, compiled as it runs there): step-time ratio (targets <= 2.05: two
    forward/backward passes) and SAM's extra peak memory over AdamW / parameter bytes (target <= 1.0: one copy of the
    weights), counted by a tracker of live tensor storage (training.PeakTensorMemory).
+3. (--experiment=True) the default experiment from scratch, `python experiment.py` into a temporary out_dir: its wall
+   time and its stages' time by kind. Run it on an otherwise idle machine: it is the time a newcomer waits.
 """
 import contextlib
 import os
@@ -38,6 +41,7 @@ rounds = 5
 steps = 8  # per model and round
 warmup_steps = 3  # untimed, per model (compilation happens here)
 threads = 0  # torch threads; 0 = torch's default (the number of cores)
+experiment = False  # part 3: time the default experiment (minutes, not seconds: off unless asked)
 seed = 1337
 # -----------------------------------------------------------------------------
 config = load_config(config_defaults(globals()), sys.argv[1:], keys.BENCHMARK)
@@ -185,3 +189,22 @@ if sam:
               f"{', compiled' if shape['compile'] else ''}: "
               f"SAM / AdamW step time {median_ratio(times['sam'], times['adamw']):.3f} (target <= 2.05), "
               f"extra memory {(peaks['sam'] - peaks['adamw']) / param_bytes:.3f} x parameter bytes (target <= 1.0)")
+
+if experiment:
+    import json
+    import subprocess
+    import tempfile
+    print("\n3. The default experiment from scratch (python experiment.py, a temporary out_dir)")
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, os.path.join(REPO, 'experiment.py'), f'--out_dir={out}'], cwd=REPO, check=True,
+                       stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - start
+        stage_time = {}
+        for root, _, files in os.walk(out):
+            if 'stage.json' in files:
+                with open(os.path.join(root, 'stage.json')) as f:
+                    kind = os.path.relpath(root, out).split(os.sep)[0]
+                    stage_time[kind] = stage_time.get(kind, 0.0) + json.load(f).get('wall_s', 0.0)
+    print(f"  {wall / 60:.1f} min wall (target <= 8); stage time by kind, summed over stages run side by side: "
+          + ', '.join(f'{kind} {seconds:.0f} s' for kind, seconds in sorted(stage_time.items())))

@@ -182,7 +182,7 @@ IMPORT_HF = {
 }
 BENCHMARK = {
     'reference': FLAG, 'sam': FLAG, 'rounds': POSITIVE, 'steps': POSITIVE, 'warmup_steps': COUNT,
-    'threads': Key(int, min=0, means="0 (= torch's default) or an int >= 1"), 'seed': SEED,
+    'threads': Key(int, min=0, means="0 (= torch's default) or an int >= 1"), 'seed': SEED, 'experiment': FLAG,
 }
 MEMORY_BUDGET = {
     'n_layer': POSITIVE, 'n_head': POSITIVE, 'n_embd': POSITIVE, 'intermediate_size': MODEL['intermediate_size'],
