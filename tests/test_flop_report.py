@@ -23,7 +23,7 @@ def dry_run(preset, out_dir):
 def test_cpu_flop_preset_stage_list(tmp_path):
     flop = dry_run('configs/experiments/cpu_flop.py', tmp_path)
     seeds = dry_run('configs/experiments/cpu_seeds.py', tmp_path)
-    assert flop[0].startswith(f'experiment {tmp_path}: 1603 stages, 0 done, 1603 to run')
+    assert flop[0].startswith(f'experiment {tmp_path}: 1723 stages, 0 done, 1723 to run')
     commands = [line.split('] ', 1)[1] for line in flop[1:]]
     # every cpu_seeds stage is in it with the same command (so the same key: its runs are reused)
     assert set(line.split('] ', 1)[1] for line in seeds[1:]) <= set(commands)
@@ -41,7 +41,8 @@ def test_cpu_flop_preset_stage_list(tmp_path):
         assert '--optimizer=msam' in only(run.format('msam'))[0]
         adamw_2x = only(run.format('adamw_2x'))[0]
         assert '--max_iters=2000' in adamw_2x and '--max_iters=1000' not in adamw_2x
-    for row, args in (('replay', '--replay_fraction=0.25'), ('l2init', '--l2_init=0.01'), ('lora', '--lora_rank=8')):
+    for row, args in (('replay', '--replay_fraction=0.25'), ('l2init', '--l2_init=0.01'), ('lora', '--lora_rank=8'),
+                      ('lora_x10', '--lora_rank=8 --lora_alpha=160')):
         tuned = only(f'--out_dir={tmp_path}/finetune/adamw+{row}_s')
         assert len(tuned) == 3 * 5 * 8 and all(c.endswith(args) or args in c for c in tuned)
         assert all(f'--init_from={tmp_path}/pretrain/adamw_s' in c for c in tuned)  # the AdamW base, fine-tuned again

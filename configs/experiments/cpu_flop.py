@@ -31,4 +31,7 @@ finetune_mitigations = {
     'replay': ('adamw', '--replay_fraction=0.25'),  # 1 pretraining sequence per 3 task sequences (+33% tokens)
     'l2init': ('adamw', '--l2_init=0.01'),  # not tuned
     'lora': ('adamw', '--lora_rank=8 --lora_alpha=16'),  # attention and MLP matrices, merged back
+    # the same adapters at 10x the scale: under Adam, about the rank-8 run at 10x the learning rate (LoRA usually wants
+    # a larger one than full fine-tuning), so that the same sweep reaches LoRA's best learning rates too
+    'lora_x10': ('adamw', '--lora_rank=8 --lora_alpha=160'),
 }
