@@ -30,6 +30,9 @@ def save_figure(fig, path):
     plt.close(fig)
 
 
+FLOPS_VIEW_BOTTOM = -100  # % less forgetting: rows below it are named instead of drawn
+
+
 def plot_flops(comparison, config, path):
     """% less forgetting against relative training FLOPs: panels over tasks, per task and 4-bit, a point per row
     with its 95% interval."""
@@ -38,13 +41,20 @@ def plot_flops(comparison, config, path):
         return False
     fig, axes = panel_grid(len(columns), min(3, len(columns)), 4.6, 3.9)
     for ax, column in zip(axes, columns):
+        below = []  # rows far below 0 would squash the others: left out of view, named
         for i, (row, entry) in enumerate(comparison['rows'].items()):
             x, value = entry['relative_flops'].get(column), entry['percent_less'].get(column)
             if x is None or not value or not math.isfinite(value[0]):
                 continue
+            if value[0] < FLOPS_VIEW_BOTTOM:
+                below.append(f'{row} {value[0]:.0f}')
+                continue
             bar = ([[max(value[0] - value[1], 0)], [max(value[2] - value[0], 0)]]
                    if all(map(math.isfinite, value)) else None)
-            ax.errorbar(x, value[0], yerr=bar, fmt='o', color=f'C{i % 10}', capsize=3, label=row)
+            ax.errorbar(x, value[0], yerr=bar, fmt='os^D'[i // 10 % 4], color=f'C{i % 10}', capsize=3, label=row)
+        if below:
+            ax.text(0.98, 0.02, 'below the view: ' + ', '.join(below), transform=ax.transAxes, ha='right',
+                    va='bottom', fontsize=7, color='grey')
         if not ax.has_data():
             ax.text(0.5, 0.5, 'no % less forgetting to show\n(runs missing, or no baseline forgetting)',
                     transform=ax.transAxes, ha='center', va='center', fontsize=8, color='grey')
