@@ -3,7 +3,7 @@
 # default experiment with 3 seeds; same out_dir, so its 4 base models are reused) plus cheaper SAM variants, AdamW at
 # SAM's compute (2x the tokens) and three fine-tuning-time mitigations of the AdamW base. The report's "Forgetting
 # per FLOP" table and flops.png set % less forgetting against training FLOPs counted from the runs. Not a paper
-# setting; hours on 2 cores (not measured yet):
+# setting; 2.4 h on 2 cores (measured; README, "Forgetting per FLOP"):
 #
 #   nohup python experiment.py configs/experiments/cpu_flop.py > flop.log 2>&1 &
 from configs.experiments.cpu_seeds import *
