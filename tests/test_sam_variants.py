@@ -209,17 +209,22 @@ def test_killed_variant_resumes_bit_for_bit(wiki, runs, fork_script, tmp_path, n
     assert without_speed(read_log(out)) == without_speed(read_log(runs(name)))
 
 
-def test_ddp_msam_matches_one_process(wiki, runs, tmp_path):
-    # the perturbation comes from AdamW's moment, the same on both ranks: 2 processes x 1 micro-batch = 1 x 2
+def torchrun_pretrain(wiki, out, *args, env={}):
+    """pretrain.py with PRETRAIN and args on 2 gloo processes of one thread each."""
     import subprocess
     import sys
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = str(tmp_path / 'ddp')
+    from test_reliability import REPO
     result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                             os.path.join(repo, 'pretrain.py'), f'--data_root={os.path.dirname(wiki)}',
-                             f'--out_dir={out}', *PRETRAIN, *VARIANTS['msam']], cwd=repo, capture_output=True,
-                            text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=180)
+                             os.path.join(REPO, 'pretrain.py'), f'--data_root={os.path.dirname(wiki)}',
+                             f'--out_dir={out}', *PRETRAIN, *args], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1', **env}, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_ddp_msam_matches_one_process(wiki, runs, tmp_path):
+    # the perturbation comes from AdamW's moment, the same on both ranks: 2 processes x 1 micro-batch = 1 x 2
+    out = str(tmp_path / 'ddp')
+    torchrun_pretrain(wiki, out, *VARIANTS['msam'])
     ours, theirs = checkpoint(out), checkpoint(runs('msam'))
     for key in theirs['model']:
         torch.testing.assert_close(ours['model'][key], theirs['model'][key], rtol=1e-4, atol=1e-5)
@@ -230,19 +235,12 @@ def test_ddp_msam_matches_one_process(wiki, runs, tmp_path):
 def test_ddp_looksam_keeps_the_ranks_identical(wiki, runs, tmp_path):
     """With the paper's rank-local ascent each rank has its own ascent direction, hence its own g_v: averaged across
     ranks, the AdamW steps between stay the same on both. With a synchronised ascent the run is the one-process one."""
-    import subprocess
-    import sys
     from test_reliability import FAULTS, REPO
     marker = str(tmp_path / 'weights')
     for ascent, out in (('False', 'local'), ('True', 'synced')):
-        env = {**os.environ, 'OMP_NUM_THREADS': '1', 'FLATMIN_TEST_HOOK': f'weights:11:{marker}_{out}',
-               'PYTHONPATH': os.pathsep.join([FAULTS, REPO])}
-        result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                                 os.path.join(REPO, 'pretrain.py'), f'--data_root={os.path.dirname(wiki)}',
-                                 f'--out_dir={tmp_path / out}', *PRETRAIN, *VARIANTS['looksam_every_3rd'],
-                                 f'--sam_sync_ascent={ascent}'], cwd=REPO, capture_output=True, text=True, env=env,
-                                timeout=180)
-        assert result.returncode == 0, result.stderr[-3000:]
+        torchrun_pretrain(wiki, str(tmp_path / out), *VARIANTS['looksam_every_3rd'], f'--sam_sync_ascent={ascent}',
+                          env={'FLATMIN_TEST_HOOK': f'weights:11:{marker}_{out}',
+                               'PYTHONPATH': os.pathsep.join([FAULTS, REPO])})
         rank0, rank1 = (torch.load(f'{marker}_{out}.rank{r}.pt') for r in (0, 1))
         assert_same_tensors(rank0, rank1)  # by iteration 11: SAM at 0, 3, 6, 9 and LookSAM steps between
     single, local = checkpoint(runs('looksam_every_3rd')), checkpoint(str(tmp_path / 'local'))
