@@ -7,13 +7,14 @@ Training speed on this machine, at the CPU presets' shapes (docs/speed.md has th
 
 1. pretrain.py's model (model.py, OLMo style) against a GPT-2-style reference written the straightforward way (below:
    LayerNorm, GELU MLP, learned positions, tied head, eager torch.nn), AdamW steps through training.train_step at
-   configs/cpu_small.py's shape and batch: eager float32 (pretrain.py's CPU default), torch.compile, and bf16 autocast.
+   configs/cpu_small.py's shape and batch: eager float32, torch.compile (cpu_small's setting), and bf16 autocast; the
+   reference eager (the issue's yardstick) and compiled (nanoGPT's own default).
    The models take turns, `steps` steps each per round; each ratio is a median over rounds of per-round ratios, so a
    machine whose speed drifts (a shared one) moves both sides of a ratio alike. Compilation's one-time cost is printed.
-2. SAM's cost over AdamW at every CPU preset's shape, as the preset runs it (configs/cpu_small.py, configs/cpu_adamw.py,
-   and the model of configs/experiments/cpu_regime.py, compiled as it runs there): step-time ratio (targets <= 2.05: two
-   forward/backward passes) and SAM's extra peak memory over AdamW / parameter bytes (target <= 1.0: one copy of the
-   weights), counted by a tracker of live tensor storage (training.PeakTensorMemory).
+2. SAM's cost over AdamW at every CPU preset's shape, as the preset runs it (configs/cpu_small.py eager, and compiled as
+   the default experiment runs it; configs/cpu_adamw.py; the model of configs/experiments/cpu_regime.py, compiled):
+   step-time ratio (targets <= 2.05: two forward/backward passes) and SAM's extra peak memory over AdamW / parameter
+   bytes (target <= 1.0: one copy of the weights), counted by a tracker of live tensor storage (training.PeakTensorMemory).
 3. (--experiment=True) the default experiment from scratch, `python experiment.py` into a temporary out_dir: its wall
    time and its stages' time by kind. Run it on an otherwise idle machine: it is the time a newcomer waits.
 """
@@ -32,7 +33,7 @@ import keys
 from config import _parse_value, config_defaults, load_config
 from model import GPT, GPTConfig
 from sam import SAM
-from training import PeakTensorMemory, autocast_context, train_step
+from training import PeakTensorMemory, autocast_context, keep_freed_memory, train_step
 
 # -----------------------------------------------------------------------------
 reference = True  # part 1
@@ -48,6 +49,7 @@ config = load_config(config_defaults(globals()), sys.argv[1:], keys.BENCHMARK)
 globals().update(config)
 if threads:
     torch.set_num_threads(threads)
+keep_freed_memory()  # as pretrain.py does (training.setup_device); both models get it
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -149,8 +151,8 @@ print(f"benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads,
 if reference:
     shape = preset('configs/cpu_small.py')
     bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    variants = {'reference': ('gpt2', False, 'float32'), 'olmo': ('olmo', False, 'float32'),
-                'olmo compiled': ('olmo', True, 'float32'),
+    variants = {'reference': ('gpt2', False, 'float32'), 'reference compiled': ('gpt2', True, 'float32'),
+                'olmo': ('olmo', False, 'float32'), 'olmo compiled': ('olmo', True, 'float32'),
                 **({'olmo bf16': ('olmo', False, 'bfloat16'), 'olmo compiled bf16': ('olmo', True, 'bfloat16')}
                    if bf16 else {})}
     trainers = {name: Trainer(shape, kind, compile, dtype) for name, (kind, compile, dtype) in variants.items()}
@@ -162,17 +164,20 @@ if reference:
     for name, t in times.items():
         model = trainers[name].model
         n = sum(p.numel() for p in model.parameters())
-        flops = f", {model.flops_per_token() / 1e6:.2f} MFLOP/token" if name != 'reference' else ''
+        flops = f", {model.flops_per_token() / 1e6:.2f} MFLOP/token" if isinstance(model, GPT) else ''
         compiled = f", compile once: {one_time[name]:.1f} s" if variants[name][1] else ''
         print(f"  {name:20s} {trainers[name].tokens_per_step / statistics.median(t):9,.0f} tokens/s  "
-              f"ratio to reference {median_ratio(times['reference'], t):.3f}  ({n / 1e3:.0f}k parameters{flops}"
+              f"ratio to reference {median_ratio(times['reference'], t):.3f}, to the compiled reference "
+              f"{median_ratio(times['reference compiled'], t):.3f}  ({n / 1e3:.0f}k parameters{flops}"
               f"{compiled})")
     if not bf16:
         print("  (no bf16 rows: this CPU lacks native bf16 support, avx512_bf16 or AMX)")
 
 if sam:
     print("\n2. SAM / AdamW at each CPU preset's shape, as the preset runs it")
-    presets = {'cpu_small': preset('configs/cpu_small.py'), 'cpu_adamw': preset('configs/cpu_adamw.py'),
+    presets = {'cpu_small': preset('configs/cpu_small.py'),
+               'cpu_small, the experiment': preset('configs/cpu_small.py', compile=True),  # its pretrain_args
+               'cpu_adamw': preset('configs/cpu_adamw.py'),
                'cpu_regime': experiment_model('configs/experiments/cpu_regime.py')}
     for name, shape in presets.items():
         trainers = {s: Trainer(shape, compile=shape['compile'], use_sam=s == 'sam') for s in ('adamw', 'sam')}
@@ -185,7 +190,7 @@ if sam:
                 trainer.run(2)
             peaks[s] = tracker.peak
         param_bytes = sum(p.numel() * p.element_size() for p in trainers['adamw'].model.parameters())
-        print(f"  {name:10s} {shape['n_layer']} x {shape['n_embd']}, vocab {shape['vocab_size']}"
+        print(f"  {name:26s} {shape['n_layer']} x {shape['n_embd']}, vocab {shape['vocab_size']}"
               f"{', compiled' if shape['compile'] else ''}: "
               f"SAM / AdamW step time {median_ratio(times['sam'], times['adamw']):.3f} (target <= 2.05), "
               f"extra memory {(peaks['sam'] - peaks['adamw']) / param_bytes:.3f} x parameter bytes (target <= 1.0)")

@@ -58,7 +58,8 @@ bases = {
     'large_lr': 'configs/cpu_small.py --learning_rate=1e-2',  # 3.3x the tuned 3e-3
     'short_anneal': 'configs/cpu_small.py --lr_schedule=wsd --anneal_fraction=0.05',  # WSD: decay over the last 5%
 }
-pretrain_args = '--max_iters=1000 --eval_interval=250'
+# compiled: 1,000 steps earn back the compile time (docs/speed.md); the losses move by float rounding only
+pretrain_args = '--max_iters=1000 --eval_interval=250 --compile=True'
 baseline = 'adamw'  # the base model the others are compared with
 comparisons = {}  # {base: the base it is compared with} where that is not `baseline` (e.g. one baseline per budget)
 seeds = (1337,)  # one pretraining run per base model and seed (--seed: initialisation and data order)
