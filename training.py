@@ -28,7 +28,8 @@ def keep_freed_memory():
     mallopt = getattr(ctypes.CDLL(None), 'mallopt', None) if sys.platform.startswith('linux') else None
     if mallopt is not None:
         mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free memory at the top of the heap
-        mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks below 1 GiB come from the heap, not from fresh mappings
+        if not mallopt(-3, 1 << 30):  # M_MMAP_THRESHOLD: blocks below 1 GiB come from the heap, not fresh mappings
+            mallopt(-3, 32 << 20)  # where a glibc refuses that bound: its own adaptive maximum
 
 
 def setup_device(device):
