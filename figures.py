@@ -8,7 +8,8 @@ import os
 import numpy as np
 
 from checkpoint import atomic_path
-from report import PAPER_TASKS, SHARPNESS, comparison_pairs, finite_mean, flops_columns, mitigation_rows
+from per_flop import flops_columns
+from report import PAPER_TASKS, SHARPNESS, comparison_pairs, finite_mean, mitigation_rows
 
 
 def panel_grid(n_panels, ncols, width, height):

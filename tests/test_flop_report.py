@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from figures import plot_flops
-from report import flops_comparison, flops_table, training_flops
+from per_flop import flops_comparison, flops_table, training_flops
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
