@@ -72,7 +72,7 @@ class ReferenceGPT(nn.Module):
             if p.dim() == 2:
                 nn.init.normal_(p, 0.0, 0.02 / (2 * n_layer) ** 0.5 if name.endswith('proj.weight') else 0.02)
 
-    def forward(self, idx, targets, loss_mask=None, z_loss=0.0):  # train_step's signature; the masks are unused here
+    def forward(self, idx, targets, loss_mask=None, z_loss=0.0, loss_only=False):  # train_step's call; unused here
         B, T = idx.shape
         x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
         for b in self.blocks:

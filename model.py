@@ -58,6 +58,44 @@ def apply_rope(x, cos, sin):
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+class HeadCrossEntropy(torch.autograd.Function):
+    """sum_i weights_i * (cross-entropy of h_i @ weight^T at targets_i [+ z_loss * logsumexp^2]): GPT.forward's loss
+    and its gradient, taken a few hundred rows at a time, so that each slice of logits stays in the CPU's cache instead
+    of a (tokens x vocab) tensor going through memory five times. The gradient is computed in the forward pass (the
+    loss is the graph's end), so backward only scales it. Same math as lm_head + cross_entropy; float rounding differs
+    (docs/speed.md). First-order only: GPT.forward uses it when the caller asks for loss_only."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, weights, z_loss):
+        rows = max(32, 2 ** 19 // weight.size(0))  # 2 MiB of float32 logits per slice
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for i in range(0, h.size(0), rows):
+            h_i, targets_i, weights_i = h[i:i + rows], targets[i:i + rows, None], weights[i:i + rows, None]
+            logits = (h_i @ weight.t()).float()  # under autocast the matmul runs in its dtype, as lm_head's would
+            logsumexp = torch.logsumexp(logits, dim=-1, keepdim=True)
+            per_token = logsumexp - logits.gather(1, targets_i)
+            grad_logits = torch.exp(logits - logsumexp)  # softmax
+            if z_loss:
+                per_token = per_token + z_loss * logsumexp.pow(2)
+                grad_logits = grad_logits * (1 + 2 * z_loss * logsumexp)
+            loss = loss + (per_token * weights_i).sum()
+            grad_logits.scatter_add_(1, targets_i, torch.full_like(weights_i, -1.0))  # softmax - one_hot
+            grad_logits = (grad_logits * weights_i).to(h.dtype)
+            grad_h[i:i + rows] = grad_logits @ weight.to(h.dtype)
+            if grad_weight is not None:
+                grad_weight += (grad_logits.t() @ h_i).float()
+        ctx.save_for_backward(grad_h, grad_weight)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        grad_h, grad_weight = ctx.saved_tensors
+        return grad_loss * grad_h, None if grad_weight is None else grad_loss * grad_weight, None, None, None
+
+
 class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -154,17 +192,27 @@ class GPT(nn.Module):
         c = self.config
         return 6 * (non_embedding + self.lm_head.weight.numel()) + 6 * c.n_layer * c.block_size * c.n_embd
 
-    def forward(self, idx, targets=None, loss_mask=None, z_loss=0.0):
+    def forward(self, idx, targets=None, loss_mask=None, z_loss=0.0, loss_only=False):
         """Logits, and the mean next-token loss over positions where loss_mask is true (all if None).
 
-        With z_loss > 0 the returned loss adds z_loss * logsumexp(logits)^2 (OLMo-2's auxiliary loss)."""
+        With z_loss > 0 the returned loss adds z_loss * logsumexp(logits)^2 (OLMo-2's auxiliary loss).
+        loss_only=True (the training step) returns (None, loss), on a CPU through HeadCrossEntropy: faster, but its
+        gradient is first-order only (a Hessian-vector product through it would be silently wrong)."""
         B, T = idx.shape
         assert T <= self.config.block_size, f"sequence length {T} exceeds block_size {self.config.block_size}"
         x = self.wte(idx)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         for block in self.blocks:
             x = block(x, cos, sin)
-        logits = self.lm_head(self.norm_f(x))
+        x = self.norm_f(x)
+        if (loss_only and targets is not None and torch.is_grad_enabled() and x.device.type == 'cpu'
+                and type(self.lm_head) is nn.Linear):
+            weights = torch.ones_like(targets, dtype=torch.float32) if loss_mask is None else loss_mask.float()
+            weights = (weights / weights.sum().clamp(min=1)).reshape(-1)
+            loss = HeadCrossEntropy.apply(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                          weights, z_loss)
+            return None, loss
+        logits = self.lm_head(x)
         if targets is None:
             return logits, None
         logits_fp32 = logits.float().view(-1, logits.size(-1))

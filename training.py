@@ -117,7 +117,7 @@ def forward_backward(model, micro_batches, autocast, z_loss=0.0):
         sync = contextlib.nullcontext() if last or not hasattr(model, 'no_sync') else model.no_sync()
         with sync:
             with autocast:
-                _, loss = model(x, y, loss_mask=mask, z_loss=z_loss)
+                _, loss = model(x, y, loss_mask=mask, z_loss=z_loss, loss_only=True)
             (loss / len(micro_batches)).backward()
         total += loss.detach()
     return total / len(micro_batches)

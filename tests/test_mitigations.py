@@ -76,7 +76,7 @@ def reference_finetune(base, n_replay=0, l2=0.0, ewc=0):
             rx, ry = train_batch(pt_train, BLOCK, n_replay, it * n_replay, 1337)
             mask = torch.cat([mask, torch.ones_like(ry, dtype=mask.dtype)])
             x, y = torch.cat([x, rx]), torch.cat([y, ry])
-        model(x, y, loss_mask=mask)[1].backward()
+        model(x, y, loss_mask=mask, loss_only=True)[1].backward()  # the training step's loss path
         with torch.no_grad():
             for p, p0, f in zip(model.parameters(), w_base, fisher):
                 p.grad += 2 * l2 * f * (p - p0)

@@ -121,6 +121,45 @@ def test_z_loss_adds_z_times_logsumexp_squared():
     assert abs(loss_m.item() - expected_m.item()) < 1e-5 * max(1.0, abs(expected_m.item()))
 
 
+@pytest.mark.parametrize('dtype', [None, torch.bfloat16])
+@pytest.mark.parametrize('case', ['plain', 'mask', 'z_loss', 'empty mask'])
+def test_loss_only_matches_the_full_logits_path(case, dtype):
+    """The training step's loss_only path (HeadCrossEntropy, in slices of rows) gives the loss and gradients of
+    lm_head + cross_entropy; with a vocabulary of 4096 the slices are 128 rows, so the 3 x 100 tokens take three."""
+    model = tiny_model(vocab_size=4096, block_size=100)
+    randomize_norm_gains(model)
+    x, y = random_tokens(B=3, T_=100, vocab=4096)
+    mask = {'mask': torch.rand(x.shape, generator=torch.Generator().manual_seed(3)) < 0.4,
+            'empty mask': torch.zeros(x.shape, dtype=torch.bool)}.get(case)
+    kwargs = dict(loss_mask=mask, z_loss=1e-2 if case == 'z_loss' else 0.0)
+    results = []
+    for loss_only in (False, True):
+        model.zero_grad()
+        with torch.autocast('cpu', dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits, loss = model(x, y, loss_only=loss_only, **kwargs)
+        (3 * loss).backward()  # a scaled loss, as gradient accumulation divides it
+        assert (logits is None) == loss_only
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss, grads), (loss_sliced, grads_sliced) = results
+    tol = 1e-5 if dtype is None else 2e-2  # bf16 matmuls round the slices' partial sums differently
+    torch.testing.assert_close(loss_sliced, loss, rtol=1e-6, atol=1e-6)
+    for g, g_sliced in zip(grads, grads_sliced):
+        torch.testing.assert_close(g_sliced, g, rtol=tol, atol=tol * g.abs().max().item())
+    assert (loss_sliced == 0) == (grads_sliced[-1].abs().sum() == 0) == (case == 'empty mask')  # lm_head's gradient
+
+
+def test_loss_only_skips_what_is_not_needed():
+    model = tiny_model()
+    x, y = random_tokens()
+    model.lm_head.weight.requires_grad_(False)  # a frozen head (LoRA): no gradient computed for it
+    _, loss = model(x, y, loss_only=True)
+    loss.backward()
+    assert model.lm_head.weight.grad is None and model.wte.weight.grad is not None
+    with torch.no_grad():  # no gradient wanted: the plain path, logits included
+        logits, loss_eval = model(x, y, loss_only=True)
+    assert logits is not None and torch.equal(loss_eval, model(x, y)[1].detach())
+
+
 def test_causality():
     model = tiny_model()
     randomize_norm_gains(model)

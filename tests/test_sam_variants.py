@@ -114,13 +114,13 @@ def copy_of(model):
 
 
 class LossModel(torch.nn.Module):
-    """train_step calls model(x, y, loss_mask=, z_loss=) -> (logits, loss), as model.py's GPT does."""
+    """train_step calls model(x, y, loss_mask=, z_loss=, loss_only=) -> (logits, loss), as model.py's GPT does."""
 
     def __init__(self, inner):
         super().__init__()
         self.inner = inner
 
-    def forward(self, x, y, loss_mask=None, z_loss=0.0):
+    def forward(self, x, y, loss_mask=None, z_loss=0.0, loss_only=False):
         return None, loss_of(self.inner, x, y)
 
 
