@@ -74,15 +74,18 @@ class HeadCrossEntropy(torch.autograd.Function):
         for i in range(0, h.size(0), rows):
             h_i, targets_i, weights_i = h[i:i + rows], targets[i:i + rows, None], weights[i:i + rows, None]
             logits = (h_i @ weight.t()).float()  # under autocast the matmul runs in its dtype, as lm_head's would
-            logsumexp = torch.logsumexp(logits, dim=-1, keepdim=True)
-            per_token = logsumexp - logits.gather(1, targets_i)
-            grad_logits = torch.exp(logits - logsumexp)  # softmax
+            target_logits = logits.gather(1, targets_i)
+            row_max = logits.amax(dim=-1, keepdim=True)
+            exp = logits.sub_(row_max).exp_()
+            sum_exp = exp.sum(dim=-1, keepdim=True)
+            logsumexp = row_max + sum_exp.log()
+            per_token = logsumexp - target_logits
+            scale = weights_i / sum_exp  # each token's softmax, times its weight in the mean
             if z_loss:
                 per_token = per_token + z_loss * logsumexp.pow(2)
-                grad_logits = grad_logits * (1 + 2 * z_loss * logsumexp)
+                scale = scale * (1 + 2 * z_loss * logsumexp)
             loss = loss + (per_token * weights_i).sum()
-            grad_logits.scatter_add_(1, targets_i, torch.full_like(weights_i, -1.0))  # softmax - one_hot
-            grad_logits = (grad_logits * weights_i).to(h.dtype)
+            grad_logits = exp.mul_(scale).scatter_add_(1, targets_i, -weights_i).to(h.dtype)  # (softmax - one_hot) * w
             grad_h[i:i + rows] = grad_logits @ weight.to(h.dtype)
             if grad_weight is not None:
                 grad_weight += (grad_logits.t() @ h_i).float()
