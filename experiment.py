@@ -73,7 +73,9 @@ task_learning_rates = {}  # {task: (lr, ...)} replaces learning_rates for that t
 # e.g. {'replay': ('adamw', '--replay_fraction=0.25')}
 finetune_mitigations = {}
 # the base model's context and batch; 100k tokens = 24 steps; evaluated at the start and the end only
-finetune_args = '--block_size=0 --batch_size=32 --max_tokens=100000 --val_tokens=32768 --eval_iters=16 --eval_interval=1000'
+# compiled: the stage server compiles each base model once for all of its runs (stage_server.py)
+finetune_args = ('--block_size=0 --batch_size=32 --max_tokens=100000 --val_tokens=32768 --eval_iters=16 '
+                 '--eval_interval=1000 --compile=True')
 # quantization of every base model (quantize.py --method=...), and evaluate.py's measurements
 quantize_methods = ('nf4', 'fp4', 'int8')
 quantize_args = ''
@@ -257,6 +259,17 @@ def shown(argv):
                        else a for a in argv])
 
 
+def warm_requests(stage):
+    """Before the first compiled fine-tuning run of a base model: ask the stage server to compile that model once, so
+    that the runs it forks find the code compiled (stage_server.warm_compile: CPU, one thread per stage)."""
+    base = stage['deps'][0] if stage['kind'] == 'finetune' else None
+    compiled = [a for a in stage['args'] if a.startswith('--compile=')][-1:] == ['--compile=True']
+    if base in warmed or not compiled or threads != 1 or n_gpus:
+        return []
+    warmed.add(base)
+    return [['warm', stages[base]['product']]]
+
+
 def die_with_parent():
     # a killed runner must not leave stage processes writing into out_dir behind it
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -295,6 +308,7 @@ if report_only:
 started = time.time()
 failed, running, free_slots = {}, {}, list(range(jobs))
 server, server_output, exit_codes = None, b'', {}  # stage_server.py; what it wrote in part; stage -> its exit status
+warmed = set()  # pretraining stages whose model the server has compiled
 overall = tqdm(total=len(todo), desc='experiment', unit='stage', position=0, dynamic_ncols=True)
 progress_re = re.compile(rb'(\d+)/(\d+) \[')
 while todo or running:
@@ -325,6 +339,8 @@ while todo or running:
             forked = False  # by the server, which says when the stage ends
             if server and not spread_gpus and not under_torchrun(stage):
                 try:
+                    for request in warm_requests(stage):
+                        server.stdin.write((json.dumps(request) + '\n').encode())
                     server.stdin.write((json.dumps([name, argv[1:], log_path, env]) + '\n').encode())
                     server.stdin.flush()
                     forked = True

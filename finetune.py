@@ -187,7 +187,7 @@ if cache_dir and world_size == 1 and not resume:
     pt_tokens_read = min(len(pt_val_tokens) - 1, eval_iters * batch_size * block_size) + 1  # what val_batch reads
     digest.update(pt_val_tokens[:pt_tokens_read].tobytes())
     digest.update(repr([model_args, task_fingerprint, batch_size, eval_iters, dtype, torch.device(device).type,
-                        torch.__version__, torch.get_num_threads()]).encode())
+                        torch.__version__, torch.get_num_threads(), compile]).encode())
     for code in ('finetune.py', 'model.py', 'training.py', 'data.py'):  # how it is computed
         with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), code), 'rb') as f:
             digest.update(f.read())
@@ -282,6 +282,7 @@ checkpoint = None  # free the memory
 raw_model = model
 if compile:
     model = torch.compile(model)
+eval_model = model  # not DDP's wrapper: evaluation syncs nothing
 if ddp:
     model = DDP(model, device_ids=[int(device.split(':')[1])] if device.startswith('cuda') else None)
 if master:
@@ -297,8 +298,8 @@ def evaluate(it, lr):
     if cached:
         ft, pt = cached
     else:
-        ft = estimate_loss(raw_model, get_ft_val_batch, n_val_batches, autocast, rank, world_size)
-        pt = estimate_loss(raw_model, get_pt_val_batch, eval_iters, autocast, rank, world_size)
+        ft = estimate_loss(eval_model, get_ft_val_batch, n_val_batches, autocast, rank, world_size)
+        pt = estimate_loss(eval_model, get_pt_val_batch, eval_iters, autocast, rank, world_size)
     compute['fwd_tokens'] += (n_val_batches + eval_iters) * batch_size * block_size  # counted cached or not
     if not master:
         return

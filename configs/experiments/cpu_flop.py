@@ -29,11 +29,14 @@ bases = {
     'adamw_2x': f'{_model} --max_iters=2000 --eval_interval=500 --compile=True',
 }
 # fine-tuning-time mitigations of the AdamW base, over the same tasks and learning-rate sweep (rows adamw+<name>)
+# (replay's longer batches and LoRA's adapters are not the model the stage server compiles once: each of their runs
+# would compile its own, which costs more than it saves, so they run eagerly)
 finetune_mitigations = {
-    'replay': ('adamw', '--replay_fraction=0.25'),  # 1 pretraining sequence per 3 task sequences (+33% tokens)
+    # 1 pretraining sequence per 3 task sequences (+33% tokens)
+    'replay': ('adamw', '--replay_fraction=0.25 --compile=False'),
     'l2init': ('adamw', '--l2_init=0.01'),  # not tuned
-    'lora': ('adamw', '--lora_rank=8 --lora_alpha=16'),  # attention and MLP matrices, merged back
+    'lora': ('adamw', '--lora_rank=8 --lora_alpha=16 --compile=False'),  # attention and MLP matrices, merged back
     # the same adapters at 10x the scale: under Adam, about the rank-8 run at 10x the learning rate (LoRA usually wants
     # a larger one than full fine-tuning), so that the same sweep reaches LoRA's best learning rates too
-    'lora_x10': ('adamw', '--lora_rank=8 --lora_alpha=160'),
+    'lora_x10': ('adamw', '--lora_rank=8 --lora_alpha=160 --compile=False'),
 }
