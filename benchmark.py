@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import keys
-from config import _parse_value, config_defaults, load_config
+from config import parse_value, config_defaults, load_config
 from model import GPT, GPTConfig
 from sam import SAM
 from training import PeakTensorMemory, autocast_context, keep_freed_memory, train_step
@@ -88,7 +88,7 @@ class ReferenceGPT(nn.Module):
 def experiment_model(path):
     """preset() of an experiment config's `_model` command line (a config file and --key=value overrides)."""
     config_file, *overrides = runpy.run_path(os.path.join(REPO, path))['_model'].split()
-    return preset(config_file, **{k: _parse_value(v) for k, _, v in (o[2:].partition('=') for o in overrides)})
+    return preset(config_file, **{k: parse_value(v) for k, _, v in (o[2:].partition('=') for o in overrides)})
 
 
 def preset(path, **overrides):

@@ -46,7 +46,7 @@ def config_defaults(namespace):
             if not k.startswith('_') and not k.isupper() and type(v) in CONFIG_TYPES}  # UPPER_CASE = constants
 
 
-def _parse_value(text):
+def parse_value(text):
     """'3e-4' -> 3e-4, 'True' -> True, 'out/x' -> 'out/x' (anything not a Python literal is a string)."""
     lowered = text.lower()
     if lowered in ('true', 'false'):
@@ -59,7 +59,7 @@ def _parse_value(text):
         return text
 
 
-def _read_config_file(path):
+def read_config_file(path):
     if os.path.isdir(path):
         raise ConfigError(f"config file {path} is a directory; give a config file (configs/*.py)")
     if not os.path.isfile(path):
@@ -93,12 +93,12 @@ def load_config(defaults, argv, declared):
                 key, sep, text = arg[2:].partition('=')
                 if not sep:
                     raise ConfigError(f"override {arg!r} must look like --key=value")
-                value = _parse_value(text)
+                value = parse_value(text)
                 if key in declared and declared[key].type is str:  # --dataset=none, --out_dir=2024: as typed
                     value = text
                 updates, source = {key: value}, 'command line'
             else:
-                updates, source = _read_config_file(arg), arg
+                updates, source = read_config_file(arg), arg
             for key, value in updates.items():
                 if key not in defaults:
                     raise ConfigError(f"unknown config key {key!r} ({source})")

@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 import keys
 from checkpoint import append_jsonl, write_json
-from config import REPO_ROOT, check, config_defaults, fail, load_config
+from config import (REPO_ROOT, ConfigError, check, config_defaults, fail, load_config, parse_value,
+                    read_config_file)
 from report import read_json, write_report
 
 # -----------------------------------------------------------------------------
@@ -262,12 +263,31 @@ def shown(argv):
 def warm_requests(stage):
     """Before the first compiled fine-tuning run of a base model: ask the stage server to compile that model once, so
     that the runs it forks find the code compiled (stage_server.warm_compile: CPU, one thread per stage)."""
-    base = stage['deps'][0] if stage['kind'] == 'finetune' else None
-    compiled = [a for a in stage['args'] if a.startswith('--compile=')][-1:] == ['--compile=True']
-    if base in warmed or not compiled or threads != 1 or n_gpus:
+    if stage['kind'] != 'finetune' or stage['deps'][0] in warmed or threads != 1 or n_gpus:
         return []
+    settings = stage_settings(stage['args'], ('compile', 'batch_size', 'block_size'))
+    if not settings or settings['compile'] is not True or settings['batch_size'] is None:
+        return []
+    base = stage['deps'][0]
     warmed.add(base)
-    return [['warm', stages[base]['product']]]
+    return [['warm', stages[base]['product'], settings['batch_size'], settings['block_size'] or 0]]
+
+
+def stage_settings(args, keys):
+    """{key: value} for keys, as a stage's config files and --key=value arguments set them (None: not set), or None
+    where they cannot be read (the stage will say why)."""
+    settings = dict.fromkeys(keys)
+    try:
+        for arg in args:
+            if arg.startswith('--'):
+                key, _, text = arg[2:].partition('=')
+                updates = {key: parse_value(text)}
+            else:
+                updates = read_config_file(arg if os.path.isabs(arg) else os.path.join(REPO_ROOT, arg))
+            settings.update((k, v) for k, v in updates.items() if k in settings)
+    except ConfigError:
+        return None
+    return settings
 
 
 def die_with_parent():

@@ -12,8 +12,9 @@ random number generators as they were), so a fork of it is the stage script as `
 own process, sys.argv, __main__, stdout and stderr into the stage's log, exit status (negative: killed by that signal),
 and the OMP_NUM_THREADS this process was started with.
 Protocol, one JSON line each way: experiment.py writes [name, argv, log, env] (argv = [script, args...], env: variables
-to set) to stdin; when that stage ends, the server writes [name, exit status] to stdout. ["warm", checkpoint path]
-compiles that checkpoint's model (warm_compile; no answer). It exits when stdin closes.
+to set) to stdin; when that stage ends, the server writes [name, exit status] to stdout. ["warm", checkpoint path,
+batch_size, block_size] compiles that checkpoint's model for those batches (warm_compile; no answer). It exits when
+stdin closes.
 It dies with experiment.py, and its stages with it (PR_SET_PDEATHSIG, which experiment.py sets for the server).
 """
 import atexit
@@ -75,9 +76,9 @@ def run_stage(argv, log, env, server_pid, wakeup_fds):
     os._exit(code)  # no interpreter teardown: it is slow in a fork of a torch process and frees nothing that matters
 
 
-def warm_compile(checkpoint_path):
+def warm_compile(checkpoint_path, batch_size, block_size=0):
     """Compile the model of checkpoint_path in this process as pretrain.py and finetune.py run it with --compile=True
-    on a CPU in float32 at the model's own batch shape (the default experiment's): the training step and the
+    on a CPU in float32 on batches of batch_size x block_size (0: the model's context): the training step and the
     evaluation, each with and without a loss mask. torch.compile keeps compiled code with the model's code, under
     guards on the inputs, not with a model object: a stage forked afterwards that compiles a model of the same shape
     runs this code at once. Only with one thread: a fork of a process that has run OpenMP threads can hang."""
@@ -87,9 +88,8 @@ def warm_compile(checkpoint_path):
     from checkpoint import load_checkpoint
     from model import GPT, GPTConfig
     from training import estimate_loss, train_step
-    checkpoint = load_checkpoint(checkpoint_path)
-    model_args, batch_size = checkpoint['model_args'], checkpoint['config']['batch_size']
-    del checkpoint
+    model_args = load_checkpoint(checkpoint_path)['model_args']
+    model_args['block_size'] = block_size or model_args['block_size']  # the RoPE tables are built for it, as there
     shape = (2, batch_size, model_args['block_size'])
     x, y = torch.randint(model_args['vocab_size'], shape, generator=torch.Generator())
     monitor_interval, tqdm.tqdm.monitor_interval = tqdm.tqdm.monitor_interval, 0  # no tqdm monitor thread
@@ -104,7 +104,7 @@ def warm_compile(checkpoint_path):
     tqdm.tqdm.monitor_interval = monitor_interval
 
 
-def warm(checkpoint_path):
+def warm(checkpoint_path, batch_size, block_size):
     """warm_compile, where it is safe; what it did goes to this process's stderr (experiment.py's stage_server.log)."""
     import torch
     if torch.get_num_threads() != 1:
@@ -112,7 +112,7 @@ def warm(checkpoint_path):
         return
     started = time.time()
     try:
-        warm_compile(checkpoint_path)
+        warm_compile(checkpoint_path, batch_size, block_size)
         print(f"compiled {checkpoint_path}'s model in {time.time() - started:.1f} s", file=sys.stderr, flush=True)
     except Exception:  # the stages compile for themselves
         traceback.print_exc()
@@ -147,7 +147,7 @@ def serve():
             for line in lines:
                 request = json.loads(line)
                 if request[0] == 'warm':
-                    warm(request[1])
+                    warm(*request[1:])
                     continue
                 name, argv, log, env = request
                 pid = os.fork()

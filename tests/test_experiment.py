@@ -3,6 +3,7 @@ skipping finished stages, redoing changed ones, a failed stage, and a killed run
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -66,6 +67,18 @@ def test_report_and_figures_exist(smoke):
     assert 'python pretrain.py configs/cpu_small.py' in report  # the exact commands
     assert '(17 stages run)' in report  # the invocation's wall time
     assert 'AMD' in report or 'Intel' in report or 'cores' in report  # the hardware line
+
+
+def test_the_server_compiles_each_base_model_once_for_its_fine_tuning(smoke):
+    out = smoke[0]
+    with open(os.path.join(out, 'stage_server.log')) as f:
+        log = f.read()
+    assert 'Traceback' not in log, log[-3000:]
+    compiled = re.findall(r"^compiled (\S+)'s model in [\d.]+ s$", log, re.M)
+    if (os.cpu_count() or 1) // 2 == 1:  # one thread per stage (the smoke preset runs 2 at a time)
+        assert sorted(compiled) == [os.path.join(out, 'pretrain', f'{base}_s1337', 'ckpt.pt') for base in ('adamw', 'sam')]
+    else:
+        assert not compiled and 'threads per stage' in log
 
 
 def test_numbers_come_from_the_stage_outputs(smoke):

@@ -19,7 +19,7 @@ torch.compile = functools.partial(torch.compile, backend='aot_eager')
 ckpt, out, warm = sys.argv[1], sys.argv[2], sys.argv[3] == 'warm'
 rng = torch.get_rng_state()
 if warm:
-    stage_server.warm_compile(ckpt)
+    stage_server.warm_compile(ckpt, 8)
 state = {'rng_kept': bool(torch.equal(rng, torch.get_rng_state())), 'threads': threading.active_count(),
          'warm_graphs': counters['stats']['unique_graphs'], 'stages': {}}
 for name, argv in json.loads(sys.argv[4]).items():
