@@ -261,8 +261,9 @@ def shown(argv):
 
 
 def warm_requests(stage):
-    """Before the first compiled fine-tuning run of a base model: ask the stage server to compile that model once, so
-    that the runs it forks find the code compiled (stage_server.warm_compile: CPU, one thread per stage)."""
+    """For the first compiled fine-tuning run of a base model: ask the stage server to compile that model once, so
+    that the runs it forks find the code compiled (stage_server.warm_compile: CPU, one thread per stage). Asked as soon
+    as the base model is trained, while other pretraining keeps both slots busy: the server forks nothing meanwhile."""
     if stage['kind'] != 'finetune' or stage['deps'][0] in warmed or threads != 1 or n_gpus:
         return []
     settings = stage_settings(stage['args'], ('compile', 'batch_size', 'block_size'))
@@ -271,6 +272,17 @@ def warm_requests(stage):
     base = stage['deps'][0]
     warmed.add(base)
     return [['warm', stages[base]['product'], settings['batch_size'], settings['block_size'] or 0]]
+
+
+def tell_server(requests):
+    """Writes requests to the stage server, one JSON line each; False if it has died."""
+    try:
+        for request in requests:
+            server.stdin.write((json.dumps(request) + '\n').encode())
+        server.stdin.flush()
+        return True
+    except OSError:
+        return False
 
 
 def stage_settings(args, keys):
@@ -358,14 +370,8 @@ while todo or running:
         with open(log_path, 'wb') as log:  # empty before the stage writes to it
             forked = False  # by the server, which says when the stage ends
             if server and not spread_gpus and not under_torchrun(stage):
-                try:
-                    for request in warm_requests(stage):
-                        server.stdin.write((json.dumps(request) + '\n').encode())
-                    server.stdin.write((json.dumps([name, argv[1:], log_path, env]) + '\n').encode())
-                    server.stdin.flush()
-                    forked = True
-                except OSError:  # it died (the wait below says so): this stage runs in a fresh interpreter
-                    pass
+                # False if it died (the wait below says so): this stage runs in a fresh interpreter
+                forked = tell_server(warm_requests(stage) + [[name, argv[1:], log_path, env]])
             process = None if forked else subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
                                                            env={**os.environ, **env}, preexec_fn=die_with_parent)
         bar = tqdm(total=1, desc=name, position=1 + slot, leave=False, dynamic_ncols=True,
@@ -405,6 +411,9 @@ while todo or running:
                    os.path.join(stage['dir'], 'stage.json'))
         if ok:
             states[name] = 'done'
+            fine_tuning = [stages[n] for n in todo if stages[n]['kind'] == 'finetune' and stages[n]['deps'][0] == name]
+            if server and fine_tuning:
+                tell_server(warm_requests(fine_tuning[0]))
         else:
             failed[name] = f"exit {returncode}, log {log_path}"
             overall.write(f"FAILED {name}: exit {returncode}; see {log_path}")
