@@ -184,9 +184,10 @@ for path in paths:
     else:
         model, _ = load_model(path, device)  # float32, eval mode
     print(f"{path}: iter {info['iter_num']}" + (f", {info['quantization']['method']}" if info['quantization'] else ''))
-    loss, seconds = timed(estimate_loss, model, lambda i: val_batches[i], eval_iters, autocast)
-    # per batch too: the report's intervals on quantization forgetting resample these batches (paired across models)
-    batch_losses = [estimate_loss(model, lambda _, i=i: val_batches[i], 1, autocast) for i in range(eval_iters)]
+    # per batch: the report's intervals on quantization forgetting resample these batches (paired across models)
+    batch_losses, seconds = timed(lambda: [estimate_loss(model, lambda _, i=i: val_batches[i], 1, autocast)
+                                           for i in range(eval_iters)])
+    loss = sum(batch_losses) / eval_iters  # the batches are equal in size and unmasked: estimate_loss's mean
     result = {'pretrain_val_loss': loss, 'pretrain_ppl': math.exp(loss), 'pretrain_val_batch_losses': batch_losses,
               'params': dict(zip(('total', 'non_embedding'), model.num_params())), 'tasks': {}, 'sharpness': {},
               'cost': {'pretrain_val': {'seconds': seconds, 'forward_passes': eval_iters}},
