@@ -24,7 +24,6 @@ import numpy as np
 from analysis import (area_percent_less, bootstrap, frontier, matched_forgetting, percent_less_forgetting,
                       quantization_figures, quantization_forgetting, resample_batches, resample_runs, sft_figures,
                       verdict)
-from analysis import matched_score_drop, score_drop
 from checkpoint import atomic_path, code_version, write_json
 
 SHARPNESS = {'hessian': ('top Hessian eigenvalue', lambda v: v['top_eigenvalue']),
@@ -260,65 +259,6 @@ def summary_lines(results, config):
     return lines + ['']
 
 
-def collect_benchmarks(out_dir, stages, config):
-    """Forgetting as a benchmark-score drop (experiment.py lm_eval_tasks; the paper's 1B measure), from the benchmark/
-    stages: {scores: {checkpoint: mean score}, sft: {task: {seed: entry}}, quantization: {method: {seed: entry}}},
-    entries shaped as collect()'s; forgetting = % score drop against B, the score of the pair's baseline base model."""
-    scores = {}
-    for stage in stages.values():
-        if stage['name'].startswith('benchmark/'):
-            for path, evaluation in (read_json(stage['product']) or {}).items():
-                if (evaluation.get('lm_eval') or {}).get('score') is not None:
-                    scores[path] = evaluation['lm_eval']['score']
-    results = {'scores': scores, 'sft': {}, 'quantization': {}}
-    sweeps = {}  # (task, seed) -> base -> [(ft_loss, score)]
-    for stage in stages.values():
-        result = read_json(stage['product']) if stage['kind'] == 'finetune' else None
-        score = scores.get(os.path.join(stage['dir'], 'ckpt.pt'))
-        if result and result.get('final') and score is not None:
-            base, seed = stage['name'].split('/')[1].rsplit('_s', 1)
-            point = (result['final']['ft_val_loss'], score)
-            sweeps.setdefault((result['task'], seed), {}).setdefault(base, []).append(point)
-    for b, a in comparison_pairs(config).items():  # each base model against its baseline alone, as collect() does
-        for seed in map(str, config['seeds']):
-            base_score = scores.get(os.path.join(out_dir, 'pretrain', f'{a}_s{seed}', 'ckpt.pt'))
-            if base_score is None or not base_score > 0:
-                continue
-            for task in config['tasks']:
-                models = sweeps.get((task, seed), {})
-                if a in models and b in models:
-                    matched = matched_score_drop({a: models[a], b: models[b]}, base_score, a)
-                    entry = results['sft'].setdefault(task, {}).setdefault(seed, {
-                        'forgetting': {}, 'baseline_forgetting': {}, 'percent_less': {}, 'threshold': {}})
-                    entry['forgetting'][b] = matched['forgetting'][b]
-                    entry['baseline_forgetting'][b] = matched['forgetting'][a]
-                    entry['percent_less'][b], entry['threshold'][b] = matched['percent_less'][b], matched['threshold']
-            for method in config['quantize_methods']:
-                quantized = {m: scores.get(os.path.join(out_dir, 'quantize', f'{m}_s{seed}_{method}', 'ckpt.pt'))
-                             for m in (a, b)}
-                if None not in quantized.values():
-                    drop = {m: score_drop(base_score, s) for m, s in quantized.items()}
-                    entry = results['quantization'].setdefault(method, {}).setdefault(seed, {
-                        'forgetting': {}, 'baseline_forgetting': {}, 'percent_less': {}})
-                    entry['forgetting'][b], entry['baseline_forgetting'][b] = drop[b], drop[a]
-                    entry['percent_less'][b] = percent_less_forgetting(drop[a], drop[b])
-    return results
-
-
-def benchmark_lines(results, config, others):
-    """The report's section on forgetting as a benchmark-score drop (collect_benchmarks)."""
-    lines = ['', '## Forgetting as a benchmark-score drop', '',
-             f"Mean score over `{config['lm_eval_tasks']}` (lm-evaluation-harness via evaluate.py). Score drop = "
-             f"100 (B - score) / B, B = the score of the pair's baseline base model (analysis.score_drop); fine-tuned "
-             f"models compared at matched fine-tuning loss on the (fine-tuning loss, score drop) frontiers. % less "
-             f"score drop than the baseline: mean ± std over seeds [per-seed values].", '']
-    lines += comparison_table('task', {t: results['sft'].get(t, {}) for t in config['tasks']}, others)
-    lines += ['', 'After quantization (score drop of the quantized model):', '']
-    lines += comparison_table('method', {m: results['quantization'].get(m, {}) for m in config['quantize_methods']},
-                              others)
-    return lines
-
-
 def comparison_table(what, rows, others):
     """Markdown rows: per task (or quantization method) and base model, the forgetting of its baseline and of the
     base model (for fine-tuning, at the pair's matched loss) and % less forgetting (mean ± std over seeds)."""
@@ -356,7 +296,8 @@ def environment():
 
 
 def write_report(out_dir, stages, config):
-    import figures  # here, not at the top: figures.py and per_flop.py import this module's helpers
+    import figures  # here, not at the top: figures.py, per_flop.py and benchmark_scores.py import this module's helpers
+    from benchmark_scores import benchmark_lines, collect_benchmarks
     from per_flop import flops_comparison, flops_table, training_flops
     results = collect(out_dir, stages, config)
     markers = {name: read_json(os.path.join(s['dir'], 'stage.json')) or {} for name, s in stages.items()}
