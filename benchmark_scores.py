@@ -10,9 +10,9 @@ from report import comparison_pairs, comparison_table, read_json
 
 
 def collect_benchmarks(out_dir, stages, config):
-    """Forgetting as a benchmark-score drop (experiment.py lm_eval_tasks; the paper's 1B measure), from the benchmark/
-    stages: {scores: {checkpoint: mean score}, sft: {task: {seed: entry}}, quantization: {method: {seed: entry}}},
-    entries shaped as report.collect()'s; forgetting = % score drop against B, the score of the pair's baseline base model."""
+    """Forgetting as a benchmark-score drop, from the benchmark/ stages: {scores: {checkpoint: mean score},
+    sft: {task: {seed: entry}}, quantization: {method: {seed: entry}}}, entries shaped as report.collect()'s;
+    forgetting = % score drop against B, the score of the pair's baseline base model."""
     scores = {}
     for stage in stages.values():
         if stage['name'].startswith('benchmark/'):

@@ -26,7 +26,8 @@ def test_broken_baseline_score_is_refused():
 
 
 def test_report_reads_score_drops_from_benchmark_stages(tmp_path):
-    """benchmark_scores.collect_benchmarks on stage outputs laid out as experiment.py lays them out (hand-made numbers)."""
+    """benchmark_scores.collect_benchmarks on stage outputs laid out as experiment.py lays them out (hand-made
+    numbers)."""
     import json
     import os
     from benchmark_scores import benchmark_lines, collect_benchmarks
